@@ -1,0 +1,214 @@
+//! Loads ctguard's kernel programs, attaches them, and reads what they count.
+//!
+//! The tracepoint backend (the only one this module implements) works on every
+//! kernel with BTF and tp_btf, including locked-down ones:
+//! `skb:kfree_skb` for drops, `kmem:kmem_cache_alloc/free` on the nf_conntrack
+//! slab for new and removed entries. Totals always come from the per-CPU maps,
+//! never from event delivery.
+pub mod event;
+pub mod layout;
+pub mod snapshot;
+
+use aya::{
+    Btf, Ebpf, EbpfLoader,
+    maps::{MapData, PerCpuArray, PerCpuHashMap, RingBuf},
+    programs::{BtfTracePoint, RawTracePoint, RawTracePointRunOptions, TestRun},
+};
+use ctguard_ebpf::{ChurnKey, ChurnValue, DropKey, counter, key_mode};
+
+use self::{layout::Layout, snapshot::Snapshot};
+use crate::{error::CtguardError, kernel::system};
+
+/// The compiled kernel programs, embedded at build time (see build.rs).
+pub fn object_bytes() -> &'static [u8] {
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ctguard"))
+}
+
+/// How new entries are grouped in the kernel (`--by`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum KeyMode {
+    /// Destination port and protocol.
+    DstPort,
+    /// Source address.
+    SrcIp,
+    /// Destination address.
+    DstIp,
+    /// Source and destination address pair.
+    SrcDst,
+    /// Network namespace only.
+    Netns,
+    /// Conntrack zone.
+    Zone,
+    /// Full 5-tuple (and zone).
+    Tuple,
+}
+
+impl KeyMode {
+    fn kernel_value(self) -> u8 {
+        match self {
+            KeyMode::DstPort => key_mode::DST_PORT,
+            KeyMode::SrcIp => key_mode::SRC_IP,
+            KeyMode::DstIp => key_mode::DST_IP,
+            KeyMode::SrcDst => key_mode::SRC_DST,
+            KeyMode::Netns => key_mode::NETNS,
+            KeyMode::Zone => key_mode::ZONE,
+            KeyMode::Tuple => key_mode::TUPLE,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct SensorOptions {
+    pub key_mode: KeyMode,
+    /// Also send every new entry over the ring buffer (`trace --new`).
+    pub emit_new_events: bool,
+    /// Distinct churn keys kept in the kernel before folding into "other".
+    pub max_keys: u32,
+    /// Ring buffer size in bytes (a power of two, multiple of the page size).
+    pub ring_bytes: u32,
+}
+
+impl Default for SensorOptions {
+    fn default() -> Self {
+        Self { key_mode: KeyMode::DstPort, emit_new_events: false, max_keys: 16384, ring_bytes: 1 << 20 }
+    }
+}
+
+/// Programs attached to the tracepoint backend's hooks. Dropping it detaches
+/// everything (aya owns the links).
+pub struct Sensors {
+    ebpf: Ebpf,
+    pub layout: Layout,
+    cpus: Vec<u32>,
+}
+
+/// An entry younger than this may still be mid-initialisation when a flush
+/// interrupts its CPU; it is keyed at the next flush instead.
+const FLUSH_MIN_AGE_NS: u64 = 200_000;
+
+const DROP_PROGRAM: (&str, &str) = ("ctg_kfree_skb", "kfree_skb");
+const CHURN_PROGRAMS: [(&str, &str); 2] =
+    [("ctg_ct_alloc", "kmem_cache_alloc"), ("ctg_ct_free", "kmem_cache_free")];
+
+impl Sensors {
+    pub fn start(opts: &SensorOptions) -> Result<Self, CtguardError> {
+        system::require_bpf_caps()?;
+        let layout = Layout::for_running_kernel()?;
+        let key_mode = opts.key_mode.kernel_value();
+        let emit = u8::from(opts.emit_new_events);
+        let mut loader = EbpfLoader::new();
+        for (name, value) in &layout.u32s {
+            loader.override_global(name, value, true);
+        }
+        for (name, value) in &layout.u64s {
+            loader.override_global(name, value, true);
+        }
+        loader.override_global("KEY_MODE", &key_mode, true);
+        loader.override_global("EMIT_NEW_EVENTS", &emit, true);
+        loader.map_max_entries("CHURN", opts.max_keys.max(16));
+        loader.map_max_entries("EVENTS", opts.ring_bytes);
+        let mut ebpf = loader.load(object_bytes()).map_err(|e| {
+            CtguardError::ebpf(format!("loading the kernel programs failed: {e}"), "run `ctguard doctor` to see which hooks this kernel allows")
+        })?;
+        let btf = Btf::from_sys_fs().map_err(|e| CtguardError::Btf { what: e.to_string() })?;
+        for (prog, tracepoint) in std::iter::once(DROP_PROGRAM).chain(CHURN_PROGRAMS) {
+            attach_tp_btf(&mut ebpf, prog, tracepoint, &btf)?;
+        }
+        let flush: &mut RawTracePoint = program(&mut ebpf, "ctg_flush")?;
+        flush.load().map_err(|e| load_error("ctg_flush", e))?;
+        let cpus = aya::util::online_cpus()
+            .map_err(|(_, e)| CtguardError::ebpf(format!("cannot list online CPUs: {e}"), "is /sys mounted?"))?;
+        Ok(Self { ebpf, layout, cpus })
+    }
+
+    /// Keys the last new entry of every CPU (see `ctg_flush`).
+    pub fn flush(&self) -> Result<(), CtguardError> {
+        let prog: &RawTracePoint = self
+            .ebpf
+            .program("ctg_flush")
+            .and_then(|p| p.try_into().ok())
+            .ok_or_else(|| CtguardError::ebpf("ctg_flush missing from the object", "rebuild ctguard"))?;
+        for &cpu in &self.cpus {
+            let mut opts = RawTracePointRunOptions::new();
+            opts.args[0] = FLUSH_MIN_AGE_NS;
+            opts.cpu = Some(cpu);
+            prog.test_run(opts).map_err(|e| {
+                CtguardError::ebpf(format!("flushing CPU {cpu} failed: {e}"), "needs kernel 5.10+ (BPF_PROG_TEST_RUN on raw tracepoints)")
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Flushes, then reads every counter and map into one snapshot.
+    pub fn snapshot(&self) -> Result<Snapshot, CtguardError> {
+        self.flush()?;
+        let read_err = |what: &str, e: &dyn std::fmt::Display| {
+            CtguardError::ebpf(format!("reading {what} failed: {e}"), "the programs may have been unloaded")
+        };
+        let counters: PerCpuArray<_, u64> = PerCpuArray::try_from(self.map("COUNTERS")?)
+            .map_err(|e| read_err("COUNTERS", &e))?;
+        let mut totals = [0u64; counter::COUNT as usize];
+        for (i, slot) in totals.iter_mut().enumerate() {
+            let per_cpu = counters.get(&(i as u32), 0).map_err(|e| read_err("COUNTERS", &e))?;
+            *slot = per_cpu.iter().sum();
+        }
+        let churn: PerCpuHashMap<_, ChurnKey, ChurnValue> =
+            PerCpuHashMap::try_from(self.map("CHURN")?).map_err(|e| read_err("CHURN", &e))?;
+        let mut keys = Vec::new();
+        for item in churn.iter() {
+            let (key, per_cpu) = item.map_err(|e| read_err("CHURN", &e))?;
+            let sum = per_cpu.iter().fold(ChurnValue::default(), |acc, v| ChurnValue {
+                inserts: acc.inserts + v.inserts,
+                removals: acc.removals + v.removals,
+            });
+            keys.push((key, sum));
+        }
+        let drops_map: PerCpuHashMap<_, DropKey, u64> =
+            PerCpuHashMap::try_from(self.map("DROPS")?).map_err(|e| read_err("DROPS", &e))?;
+        let mut drops = Vec::new();
+        for item in drops_map.iter() {
+            let (key, per_cpu) = item.map_err(|e| read_err("DROPS", &e))?;
+            drops.push((key, per_cpu.iter().sum()));
+        }
+        Ok(Snapshot::new(std::time::Instant::now(), totals, keys, drops))
+    }
+
+    /// Takes the ring buffer for event streaming (`trace`).
+    pub fn take_events(&mut self) -> Result<RingBuf<MapData>, CtguardError> {
+        let map = self
+            .ebpf
+            .take_map("EVENTS")
+            .ok_or_else(|| CtguardError::ebpf("EVENTS map already taken", "internal error"))?;
+        RingBuf::try_from(map).map_err(|e| CtguardError::ebpf(format!("EVENTS: {e}"), "internal error"))
+    }
+
+    fn map(&self, name: &str) -> Result<&aya::maps::Map, CtguardError> {
+        self.ebpf
+            .map(name)
+            .ok_or_else(|| CtguardError::ebpf(format!("map {name} missing from the object"), "rebuild ctguard"))
+    }
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T, CtguardError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program>,
+{
+    ebpf.program_mut(name)
+        .and_then(|p| p.try_into().ok())
+        .ok_or_else(|| CtguardError::ebpf(format!("program {name} missing from the object"), "rebuild ctguard"))
+}
+
+fn load_error(prog: &str, e: aya::programs::ProgramError) -> CtguardError {
+    CtguardError::ebpf(
+        format!("the kernel refused program {prog}: {}", crate::util::error_chain(&e)),
+        "run `ctguard doctor` to see which hooks this kernel allows",
+    )
+}
+
+fn attach_tp_btf(ebpf: &mut Ebpf, prog: &str, tracepoint: &str, btf: &Btf) -> Result<(), CtguardError> {
+    let p: &mut BtfTracePoint = program(ebpf, prog)?;
+    p.load(tracepoint, btf).map_err(|e| load_error(prog, e))?;
+    p.attach().map_err(|e| load_error(prog, e))?;
+    Ok(())
+}
