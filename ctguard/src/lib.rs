@@ -2,7 +2,13 @@
 //!
 //! The library holds every command's logic so integration tests can drive it;
 //! `main.rs` only parses the command line and maps errors to exit codes.
+pub mod cli;
+pub mod conntrack;
+pub mod doctor;
 pub mod error;
 pub mod kernel;
+pub mod netns;
 pub mod sensors;
+pub mod status;
+pub mod trace;
 pub mod util;

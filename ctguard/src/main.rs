@@ -1,10 +1,23 @@
-fn main() -> anyhow::Result<()> {
-    let s = ctguard::sensors::Sensors::start(&Default::default())?;
-    println!("{:?}", s.layout);
-    std::thread::sleep(std::time::Duration::from_secs(std::env::args().nth(1).map(|a| a.parse().unwrap()).unwrap_or(1)));
-    let snap = s.snapshot()?;
-    println!("{:?}", snap.counters);
-    println!("{:?}", snap.drops);
-    for (k, v) in snap.churn { println!("{k:?} {v:?}"); }
-    Ok(())
+//! ctguard's entry point: parse the command line, run the command, turn errors
+//! into a message with a hint and exit code 2.
+use std::process::ExitCode;
+
+use clap::Parser;
+use ctguard::cli::{Cli, Command};
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    let cli = Cli::parse();
+    let result = match &cli.command {
+        Command::Doctor(args) => ctguard::doctor::run(args),
+        Command::Status(args) => ctguard::status::run(args),
+        Command::Trace(args) => ctguard::trace::run(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
 }

@@ -1,0 +1,116 @@
+//! The command line (clap derive). Each subcommand's arguments live here; its
+//! behaviour lives in the module of the same name.
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::{sensors::{KeyMode, snapshot::Cause}, util::Cidr};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "ctguard",
+    version,
+    about = "Find, explain and fix nf_conntrack table-full drops",
+    long_about = "ctguard watches Linux connection tracking with eBPF: it counts every new \
+conntrack entry by the flow it belongs to, catches every packet netfilter drops and names \
+the cause (table full, insert failed, invalid, ruleset), and reports table occupancy per \
+network namespace.\n\nStart with `ctguard doctor` (what this kernel allows), then \
+`ctguard status` (how full the tables are) and `ctguard trace` (drops as they happen).",
+    after_help = "Exit codes: 0 ok, 1 warning (status: table >= 80% full or drops rising), 2 error."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// What this kernel allows: BTF, lockdown, which hook kinds load, which sensor backend ctguard uses.
+    Doctor(DoctorArgs),
+    /// Conntrack table occupancy, counters, timeouts and memory per network namespace.
+    Status(StatusArgs),
+    /// Stream dropped packets (and optionally new entries) with their cause.
+    Trace(TraceArgs),
+}
+
+#[derive(Debug, Args)]
+#[command(long_about = "Probes the running kernel by loading tiny eBPF programs of each hook kind \
+(tracepoint, tp_btf, raw_tp, fentry/fexit on vmlinux and on module functions, kprobe, netfilter \
+link) and reports which work, plus BTF, lockdown mode and whether conntrack is active here. \
+Needs CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN (or root).")]
+pub struct DoctorArgs {
+    /// Print one JSON document instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+#[command(long_about = "Reads /proc/net/stat/nf_conntrack and the nf_conntrack sysctls inside each \
+network namespace: entries, max, buckets, fill %, per-CPU and summed counters, timeouts and the \
+estimated kernel memory (slab object size x entries + 8 bytes per bucket).\n\n\
+Exit code: 0 healthy, 1 warning (a table is >= 80% full, or drops rose between two readings \
+taken --interval apart), 2 error.")]
+pub struct StatusArgs {
+    /// Which namespace(s): a name from `ip netns list`, a path like /proc/PID/ns/net, or `all`.
+    /// Default: the namespace ctguard runs in.
+    #[arg(long, value_name = "NAME|PATH|all")]
+    pub netns: Option<String>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Also print the per-CPU counter rows.
+    #[arg(long)]
+    pub per_cpu: bool,
+    /// Time between the two readings used to tell whether drops are rising (e.g. 500ms, 2s; 0 = one reading).
+    #[arg(long, default_value = "1s", value_parser = crate::util::parse_duration)]
+    pub interval: std::time::Duration,
+}
+
+#[derive(Debug, Args)]
+#[command(long_about = "Attaches the sensors and prints every packet netfilter drops, with its \
+cause (table_full, insert_failed, ct_invalid, ruleset, other), how sure ctguard is of it, the \
+network namespace, interface, flow and the kernel function that dropped it.\n\n\
+Filters combine with AND. At exit (Ctrl-C, --count or --duration) a summary shows events \
+shown, events lost by the ring buffer, and per-cause totals from the kernel maps -- exact even \
+when events were lost -- next to the kernel's own conntrack drop counters.")]
+pub struct TraceArgs {
+    /// JSON lines instead of text (the summary becomes the last line, with "summary": true).
+    #[arg(long)]
+    pub json: bool,
+    /// Also stream new conntrack entries.
+    #[arg(long)]
+    pub new: bool,
+    /// Only these causes (repeatable).
+    #[arg(long, value_enum)]
+    pub cause: Vec<Cause>,
+    /// Only this network namespace: inode number, name from `ip netns list`, or path.
+    #[arg(long)]
+    pub netns: Option<String>,
+    /// Only this protocol: tcp, udp, icmp, icmpv6, sctp or a number.
+    #[arg(long)]
+    pub proto: Option<String>,
+    /// Only flows with this source or destination port.
+    #[arg(long)]
+    pub port: Option<u16>,
+    /// Only flows whose source address is in this CIDR (IPv4 or IPv6).
+    #[arg(long)]
+    pub src: Option<Cidr>,
+    /// Only flows whose destination address is in this CIDR.
+    #[arg(long)]
+    pub dst: Option<Cidr>,
+    /// Stop after this many events shown.
+    #[arg(long)]
+    pub count: Option<u64>,
+    /// Stop after this long (e.g. 30s, 5m).
+    #[arg(long, value_parser = crate::util::parse_duration)]
+    pub duration: Option<std::time::Duration>,
+    /// Ring buffer size in KiB (power of two, at least 4).
+    #[arg(long, default_value_t = 1024)]
+    pub ring_kib: u32,
+    /// Write the events (not the summary) to this file instead of stdout.
+    #[arg(long)]
+    pub output: Option<PathBuf>,
+    /// How new entries are keyed in the summary's top list.
+    #[arg(long, value_enum, default_value = "dst-port")]
+    pub by: KeyMode,
+}

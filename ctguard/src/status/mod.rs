@@ -1,0 +1,5 @@
+use std::process::ExitCode;
+
+pub fn run(_args: &crate::cli::StatusArgs) -> anyhow::Result<ExitCode> {
+    anyhow::bail!("not implemented yet")
+}
