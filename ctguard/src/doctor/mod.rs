@@ -1,5 +1,112 @@
+//! `ctguard doctor`: what this kernel allows, measured by loading programs.
+mod backend;
+mod probes;
+mod raw_bpf;
+mod render;
+
 use std::process::ExitCode;
 
-pub fn run(_args: &crate::cli::DoctorArgs) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("not implemented yet")
+use serde::Serialize;
+
+pub use self::{
+    backend::{BackendChoice, KernelFacts},
+    probes::{ConntrackPlacement, HookKind, Outcome, Probe},
+};
+use crate::{
+    cli::DoctorArgs,
+    kernel::{btf::KernelBtf, system},
+    sensors::{SensorOptions, Sensors},
+    util::error_chain,
+};
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    pub kernel: String,
+    pub lockdown: Option<String>,
+    pub btf: BtfReport,
+    pub conntrack: ConntrackReport,
+    pub probes: Vec<Probe>,
+    pub backend: BackendChoice,
+    /// Whether ctguard's real sensor programs loaded and attached just now.
+    pub sensors_load: Result<(), String>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct BtfReport {
+    pub vmlinux: bool,
+    /// /sys/kernel/btf/nf_conntrack (only when conntrack is a loaded module).
+    pub nf_conntrack_module: bool,
+    pub kfree_skb_has_reason: bool,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ConntrackReport {
+    pub placement: ConntrackPlacement,
+    /// Entries in the namespace ctguard runs in.
+    pub entries: Option<u64>,
+    pub max: Option<u64>,
+    /// Entries exist or counters moved here: some rule uses conntrack.
+    pub active_here: bool,
+}
+
+pub fn run(args: &DoctorArgs) -> anyhow::Result<ExitCode> {
+    system::require_bpf_caps()?;
+    let report = collect();
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", render::table(&report));
+    }
+    Ok(if report.backend.backend == "none" || report.sensors_load.is_err() {
+        ExitCode::from(2)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+pub fn collect() -> Report {
+    let vmlinux = std::path::Path::new(crate::kernel::btf::VMLINUX_BTF).exists();
+    let kfree_skb_has_reason = KernelBtf::vmlinux()
+        .and_then(|b| b.tracepoint_arg_count("kfree_skb"))
+        .is_ok_and(|n| n >= 3);
+    let btf = if vmlinux { aya::Btf::from_sys_fs().ok() } else { None };
+    let placement = probes::conntrack_placement();
+    let probes = probes::run_all(btf.as_ref(), placement);
+    let backend = backend::choose(&probes, KernelFacts { vmlinux_btf: vmlinux, kfree_skb_has_reason });
+    let sensors_load = if backend.backend == "none" {
+        Err("no usable backend".to_string())
+    } else {
+        Sensors::start(&SensorOptions::default()).map(drop).map_err(|e| error_chain(&e))
+    };
+    Report {
+        kernel: system::kernel_release(),
+        lockdown: system::lockdown_mode(),
+        btf: BtfReport {
+            vmlinux,
+            nf_conntrack_module: std::path::Path::new("/sys/kernel/btf/nf_conntrack").exists(),
+            kfree_skb_has_reason,
+        },
+        conntrack: conntrack_here(placement),
+        probes,
+        backend,
+        sensors_load,
+    }
+}
+
+fn read_u64(path: &str) -> Option<u64> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+fn conntrack_here(placement: ConntrackPlacement) -> ConntrackReport {
+    let entries = read_u64("/proc/sys/net/netfilter/nf_conntrack_count");
+    let moved = std::fs::read_to_string("/proc/thread-self/net/stat/nf_conntrack").is_ok_and(|s| {
+        // Any non-zero counter column (after "entries") on any CPU row.
+        s.lines().skip(1).any(|row| row.split_whitespace().skip(1).any(|v| v.trim_start_matches('0') != ""))
+    });
+    ConntrackReport {
+        placement,
+        entries,
+        max: read_u64("/proc/sys/net/netfilter/nf_conntrack_max"),
+        active_here: entries.is_some_and(|n| n > 0) || moved,
+    }
 }
