@@ -27,6 +27,7 @@ use aya_ebpf::{
         TracePointContext,
     },
 };
+use aya_log_ebpf::info;
 use ctguard_ebpf::{
     ChurnKey, ChurnValue, DropKey, Event, FlowTuple, CTINFO_NONE, cause, confidence, counter,
     event_kind, key_mode,
@@ -306,7 +307,7 @@ fn packet_tuple(skb: u64) -> FlowTuple {
 
 /// Is `cache` the nf_conntrack slab? One pointer comparison once known.
 #[inline(always)]
-fn is_conntrack_cache(cache: u64) -> bool {
+fn is_conntrack_cache(ctx: &BtfTracePointContext, cache: u64) -> bool {
     let Some(known) = CT_CACHE.get_ptr_mut(0) else { return false };
     let known_val = unsafe { *known };
     if known_val != 0 {
@@ -322,6 +323,10 @@ fn is_conntrack_cache(cache: u64) -> bool {
         return false;
     }
     unsafe { *known = cache };
+    // Once per load: tells the user (through aya-log) that the slab was found.
+    // (The pointer itself is not logged: formatting it would be pointer
+    // arithmetic, which the verifier rejects.)
+    info!(ctx, "nf_conntrack slab recognised: counting new and removed entries");
     true
 }
 
@@ -329,7 +334,7 @@ fn is_conntrack_cache(cache: u64) -> bool {
 pub fn ctg_ct_alloc(ctx: BtfTracePointContext) -> i32 {
     // TP_PROTO(call_site, ptr, s, gfp_flags, node)
     let cache: u64 = ctx.arg(2);
-    if !is_conntrack_cache(cache) {
+    if !is_conntrack_cache(&ctx, cache) {
         return 0;
     }
     let ct: u64 = ctx.arg(1);
@@ -342,7 +347,7 @@ pub fn ctg_ct_alloc(ctx: BtfTracePointContext) -> i32 {
     unsafe {
         let previous = (*slot).ct;
         if previous != 0 {
-            count_new_entry(previous);
+            count_new_entry(previous, (*slot).ts_ns);
         }
         (*slot).ct = ct;
         (*slot).ts_ns = bpf_ktime_get_ns();
@@ -354,7 +359,7 @@ pub fn ctg_ct_alloc(ctx: BtfTracePointContext) -> i32 {
 pub fn ctg_ct_free(ctx: BtfTracePointContext) -> i32 {
     // TP_PROTO(call_site, ptr, s)
     let cache: u64 = ctx.arg(2);
-    if !is_conntrack_cache(cache) {
+    if !is_conntrack_cache(&ctx, cache) {
         return 0;
     }
     let ct: u64 = ctx.arg(1);
@@ -367,7 +372,7 @@ pub fn ctg_ct_free(ctx: BtfTracePointContext) -> i32 {
             if (*slot).ct == ct {
                 // Freed before anything else happened on this CPU (e.g. a
                 // ruleset drop of its first packet): key it now, intact.
-                count_new_entry(ct);
+                count_new_entry(ct, (*slot).ts_ns);
                 (*slot).ct = 0;
             }
         }
@@ -393,19 +398,21 @@ pub fn ctg_flush(ctx: RawTracePointContext) -> i32 {
         if bpf_ktime_get_ns().wrapping_sub((*slot).ts_ns) < min_age {
             return 1;
         }
-        count_new_entry(ct);
+        count_new_entry(ct, (*slot).ts_ns);
         (*slot).ct = 0;
     }
     0
 }
 
 #[inline(always)]
-fn count_new_entry(ct: u64) {
+/// Counts an allocated entry under its key; `allocated_ns` is when the slab
+/// handed it out, which is what a new-entry event reports.
+fn count_new_entry(ct: u64, allocated_ns: u64) {
     bump(counter::CT_KEYED);
     let key = churn_key(ct);
     add_churn(&key, 1, 0);
     if g(&EMIT_NEW_EVENTS) != 0 {
-        emit_new_entry(ct, &key);
+        emit_new_entry(ct, &key, allocated_ns);
     }
 }
 
@@ -503,14 +510,14 @@ fn add_churn(key: &ChurnKey, inserts: u64, removals: u64) {
 }
 
 #[inline(always)]
-fn emit_new_entry(ct: u64, key: &ChurnKey) {
+fn emit_new_entry(ct: u64, key: &ChurnKey, allocated_ns: u64) {
     let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
         bump(counter::RINGBUF_LOST);
         return;
     };
     let ev = entry.as_mut_ptr();
     unsafe {
-        (*ev).ts_ns = bpf_ktime_get_ns();
+        (*ev).ts_ns = allocated_ns;
         (*ev).location = 0;
         (*ev).netns = key.netns;
         (*ev).ifindex = 0;

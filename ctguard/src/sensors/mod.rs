@@ -79,6 +79,8 @@ impl Default for SensorOptions {
 /// everything (aya owns the links).
 pub struct Sensors {
     ebpf: Ebpf,
+    /// Kernel-side diagnostics (aya-log), drained into `log` at each snapshot.
+    kernel_log: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     pub layout: Layout,
     cpus: Vec<u32>,
 }
@@ -115,11 +117,18 @@ impl Sensors {
         for (prog, tracepoint) in std::iter::once(DROP_PROGRAM).chain(CHURN_PROGRAMS) {
             attach_tp_btf(&mut ebpf, prog, tracepoint, &btf)?;
         }
+        let kernel_log = match aya_log::EbpfLogger::init(&mut ebpf) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                log::warn!("kernel-side diagnostics unavailable: {e}");
+                None
+            }
+        };
         let flush: &mut RawTracePoint = program(&mut ebpf, "ctg_flush")?;
         flush.load().map_err(|e| load_error("ctg_flush", e))?;
         let cpus = aya::util::online_cpus()
             .map_err(|(_, e)| CtguardError::ebpf(format!("cannot list online CPUs: {e}"), "is /sys mounted?"))?;
-        Ok(Self { ebpf, layout, cpus })
+        Ok(Self { ebpf, kernel_log, layout, cpus })
     }
 
     /// Keys the last new entry of every CPU (see `ctg_flush`).
@@ -141,8 +150,11 @@ impl Sensors {
     }
 
     /// Flushes, then reads every counter and map into one snapshot.
-    pub fn snapshot(&self) -> Result<Snapshot, CtguardError> {
+    pub fn snapshot(&mut self) -> Result<Snapshot, CtguardError> {
         self.flush()?;
+        if let Some(l) = self.kernel_log.as_mut() {
+            l.flush();
+        }
         let read_err = |what: &str, e: &dyn std::fmt::Display| {
             CtguardError::ebpf(format!("reading {what} failed: {e}"), "the programs may have been unloaded")
         };
@@ -200,8 +212,10 @@ where
 }
 
 fn load_error(prog: &str, e: aya::programs::ProgramError) -> CtguardError {
+    let full = crate::util::error_chain(&e);
+    log::debug!("full error for {prog}: {full}");
     CtguardError::ebpf(
-        format!("the kernel refused program {prog}: {}", crate::util::error_chain(&e)),
+        format!("the kernel refused program {prog}: {}", trim_verifier_log(&full)),
         "run `ctguard doctor` to see which hooks this kernel allows",
     )
 }
@@ -211,4 +225,35 @@ fn attach_tp_btf(ebpf: &mut Ebpf, prog: &str, tracepoint: &str, btf: &Btf) -> Re
     p.load(tracepoint, btf).map_err(|e| load_error(prog, e))?;
     p.attach().map_err(|e| load_error(prog, e))?;
     Ok(())
+}
+
+/// Verifier logs run to thousands of lines; users get the verdict (the last
+/// lines), and RUST_LOG=debug prints the whole log.
+fn trim_verifier_log(message: &str) -> String {
+    const KEEP: usize = 8;
+    let lines: Vec<&str> = message.lines().collect();
+    if lines.len() <= KEEP * 2 {
+        return message.to_string();
+    }
+    format!(
+        "{}\n  [... {} verifier log lines omitted; RUST_LOG=debug shows them ...]\n{}",
+        lines[0],
+        lines.len() - KEEP - 1,
+        lines[lines.len() - KEEP..].join("\n")
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verifier_logs_are_trimmed_to_the_verdict() {
+        let long: String = (0..100).map(|i| format!("line {i}\n")).collect();
+        let t = trim_verifier_log(&long);
+        assert!(t.starts_with("line 0"));
+        assert!(t.contains("91 verifier log lines omitted"));
+        assert!(t.ends_with("line 99"));
+        assert_eq!(trim_verifier_log("short"), "short");
+    }
 }

@@ -122,6 +122,11 @@ impl Snapshot {
         Self { taken, counters: Counters::from_array(counters), churn, drops }
     }
 
+    /// The reading of freshly created maps: everything zero.
+    pub fn empty() -> Self {
+        Self::new(Instant::now(), [0; counter::COUNT as usize], vec![], vec![])
+    }
+
     /// Drops per cause, for one netns or all of them.
     pub fn drops_by_cause(&self, netns: Option<u32>) -> BTreeMap<Cause, u64> {
         let mut out = BTreeMap::new();

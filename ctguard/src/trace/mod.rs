@@ -43,10 +43,13 @@ pub fn run(args: &TraceArgs) -> anyhow::Result<ExitCode> {
         ring_bytes: args.ring_kib * 1024,
         ..Default::default()
     };
-    let mut sensors = Sensors::start(&opts)?;
     let syms = Kallsyms::read()?;
+    // The kernel's counters are read before the programs attach and the maps
+    // start at zero, so the summary covers exactly the same interval.
     let kernel_before = kernel_counters();
-    let start = sensors.snapshot()?;
+    let mono_start = monotonic_ns();
+    let mut sensors = Sensors::start(&opts)?;
+    let start = Snapshot::empty();
     let ring = sensors.take_events()?;
     if !args.json {
         eprintln!("ctguard: tracing netfilter drops{} (Ctrl-C to stop)", if args.new { " and new entries" } else { "" });
@@ -54,7 +57,7 @@ pub fn run(args: &TraceArgs) -> anyhow::Result<ExitCode> {
     let stream = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?
-        .block_on(stream_events(ring, &filter, args, &syms, &mut out))?;
+        .block_on(stream_events(&sensors, ring, &filter, args, &syms, mono_start, &mut out))?;
     let end = sensors.snapshot()?;
     let summary = summarize(&start, &end, &stream, &filter, args, &kernel_before);
     if args.json {
@@ -100,14 +103,15 @@ pub struct StreamStats {
 }
 
 async fn stream_events(
+    sensors: &Sensors,
     ring: aya::maps::RingBuf<aya::maps::MapData>,
     filter: &Filter,
     args: &TraceArgs,
     syms: &Kallsyms,
+    mono_start: u64,
     out: &mut Box<dyn Write>,
 ) -> anyhow::Result<StreamStats> {
     let started = Instant::now();
-    let mono_start = monotonic_ns();
     // SAFETY: the RingBuf owns its map fd and keeps it open, unchanged, for as
     // long as the AsyncFd holds it.
     let mut ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
@@ -117,8 +121,12 @@ async fn stream_events(
     tokio::pin!(deadline);
     let (mut shown, mut read) = (0u64, 0u64);
     let limit = args.count.unwrap_or(u64::MAX);
+    // New entries are keyed (and their events sent) lazily; a periodic flush
+    // keeps `--new` output live on idle CPUs.
+    let mut flush_tick = tokio::time::interval(Duration::from_millis(250));
     'outer: while shown < limit {
         tokio::select! {
+            _ = flush_tick.tick() => sensors.flush()?,
             _ = tokio::signal::ctrl_c() => break,
             _ = sigterm.recv() => break,
             _ = &mut deadline => break,
@@ -140,6 +148,20 @@ async fn stream_events(
                 }
                 out.flush()?;
                 guard.clear_ready();
+            }
+        }
+    }
+    if shown < limit {
+        // Key what is still pending and print what that produced.
+        sensors.flush()?;
+        let rb = ring.get_mut();
+        while let Some(item) = rb.next() {
+            read += 1;
+            let ev = event::decode(&item)?;
+            drop(item);
+            if filter.matches(&ev) && shown < limit {
+                shown += 1;
+                write_event(out, &ev, mono_start, syms, args.json)?;
             }
         }
     }
