@@ -57,6 +57,8 @@ pub mod counter {
     pub const NF_DROPS: u32 = 5;
     /// Pending new entries whose key was resolved (must end equal to CT_ALLOCATED).
     pub const CT_KEYED: u32 = 6;
+    /// Keys lost because even the per-namespace "other" map was full.
+    pub const OTHER_OVERFLOW: u32 = 7;
     pub const COUNT: u32 = 8;
 }
 
@@ -83,7 +85,8 @@ pub struct FlowTuple {
 pub struct ChurnKey {
     pub netns: u32,
     pub zone: u16,
-    /// 1 for the "other" bucket that collects keys once the map is full.
+    /// 1 for the "other" bucket of a namespace (keys that found the map full;
+    /// userspace builds these from the OTHER_KEYS map).
     pub other: u8,
     pub _pad: u8,
     pub tuple: FlowTuple,
@@ -95,6 +98,9 @@ pub struct ChurnKey {
 pub struct ChurnValue {
     pub inserts: u64,
     pub removals: u64,
+    /// Conntrack's own drops (table full, insert failed, invalid) of packets
+    /// whose flow maps to this key.
+    pub drops: u64,
 }
 
 /// Key of the per-CPU `DROPS` map: drops per netns, cause and confidence.

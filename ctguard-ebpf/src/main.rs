@@ -89,11 +89,19 @@ fn g<T: Copy>(v: &T) -> T {
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
 
+/// Per-CPU space to assemble a drop event in (see on_netfilter_drop).
+#[map]
+static SCRATCH: PerCpuArray<Event> = PerCpuArray::with_max_entries(1, 0);
+
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
 
 #[map]
 static CHURN: PerCpuHashMap<ChurnKey, ChurnValue> = PerCpuHashMap::with_max_entries(16384, 0);
+
+/// Per-namespace totals of keys that found CHURN full.
+#[map]
+static OTHER_KEYS: PerCpuHashMap<u32, ChurnValue> = PerCpuHashMap::with_max_entries(4096, 0);
 
 #[map]
 static DROPS: PerCpuHashMap<DropKey, u64> = PerCpuHashMap::with_max_entries(4096, 0);
@@ -189,27 +197,31 @@ fn on_netfilter_drop(skb: u64, location: u64) {
     let key = DropKey { netns, cause: drop_cause, confidence: conf, _pad: [0; 2] };
     add_drop(&key);
 
-    let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
-        bump(counter::RINGBUF_LOST);
-        return;
-    };
-    let ev = entry.as_mut_ptr();
-    unsafe {
-        (*ev).ts_ns = bpf_ktime_get_ns();
-        (*ev).location = location;
-        (*ev).netns = netns;
-        (*ev).ifindex = ifindex;
-        (*ev).cpu = bpf_get_smp_processor_id();
-        (*ev).ct_status = ct_status;
-        (*ev).kind = event_kind::DROP;
-        (*ev).cause = drop_cause;
-        (*ev).confidence = conf;
-        (*ev).ctinfo = if nfct == 0 { CTINFO_NONE } else { ctinfo as u8 };
-        (*ev).zone = 0;
-        (*ev)._pad = [0; 2];
-        (*ev).tuple = packet_tuple(skb);
+    // The event is assembled in per-CPU map memory: the BPF stack (512 bytes)
+    // cannot hold it next to the map keys.
+    let Some(ev) = SCRATCH.get_ptr_mut(0) else { return };
+    let ev = unsafe { &mut *ev };
+    ev.ts_ns = unsafe { bpf_ktime_get_ns() };
+    ev.location = location;
+    ev.netns = netns;
+    ev.ifindex = ifindex;
+    ev.cpu = unsafe { bpf_get_smp_processor_id() };
+    ev.ct_status = ct_status;
+    ev.kind = event_kind::DROP;
+    ev.cause = drop_cause;
+    ev.confidence = conf;
+    ev.ctinfo = if nfct == 0 { CTINFO_NONE } else { ctinfo as u8 };
+    ev.zone = 0;
+    parse_packet(skb, &mut ev.tuple);
+
+    if drop_cause != cause::RULESET && drop_cause != cause::OTHER {
+        // Conntrack's own drops also count against the flow key they would
+        // have had, so `top` can show drops per port / address.
+        add_churn(&reduce_key(netns, 0, &ev.tuple), &ONE_DROP);
     }
-    entry.submit(0);
+    if EVENTS.output::<Event>(&*ev, 0).is_err() {
+        bump(counter::RINGBUF_LOST);
+    }
 }
 
 /// The cause of a NETFILTER_DROP, from where the packet was freed and what
@@ -254,14 +266,14 @@ fn add_drop(key: &DropKey) {
     }
 }
 
-/// The flow a dropped packet belongs to, parsed from its headers.
+/// The flow a dropped packet belongs to, parsed from its headers into `t`.
 #[inline(always)]
-fn packet_tuple(skb: u64) -> FlowTuple {
-    let mut t = FlowTuple::default();
+fn parse_packet(skb: u64, t: &mut FlowTuple) {
+    *t = FlowTuple::default();
     let head: u64 = read(skb, g(&OFF_SKB_HEAD));
     let nh: u16 = read(skb, g(&OFF_SKB_NETWORK_HEADER));
     if head == 0 || nh == u16::MAX {
-        return t;
+        return;
     }
     let ip = head + nh as u64;
     let first: u8 = read(ip, 0);
@@ -283,7 +295,7 @@ fn packet_tuple(skb: u64) -> FlowTuple {
             t.daddr = read(ip, 24);
             l4 = ip + 40;
         }
-        _ => return t,
+        _ => return,
     }
     match t.proto {
         6 | 17 | 132 | 136 => {
@@ -298,7 +310,6 @@ fn packet_tuple(skb: u64) -> FlowTuple {
         }
         _ => {}
     }
-    t
 }
 
 // ---------------------------------------------------------------------------
@@ -378,7 +389,7 @@ pub fn ctg_ct_free(ctx: BtfTracePointContext) -> i32 {
         }
     }
     let key = churn_key(ct);
-    add_churn(&key, 0, 1);
+    add_churn(&key, &ONE_REMOVAL);
     0
 }
 
@@ -410,7 +421,7 @@ pub fn ctg_flush(ctx: RawTracePointContext) -> i32 {
 fn count_new_entry(ct: u64, allocated_ns: u64) {
     bump(counter::CT_KEYED);
     let key = churn_key(ct);
-    add_churn(&key, 1, 0);
+    add_churn(&key, &ONE_INSERT);
     if g(&EMIT_NEW_EVENTS) != 0 {
         emit_new_entry(ct, &key, allocated_ns);
     }
@@ -452,12 +463,17 @@ fn ct_zone(ct: u64) -> u16 {
     if off == u32::MAX { 0 } else { read(ct, off) }
 }
 
-/// The churn key of an initialised entry, reduced to what the key mode keeps.
+/// The churn key of an initialised entry.
 #[inline(always)]
 fn churn_key(ct: u64) -> ChurnKey {
-    let t = ct_tuple(ct);
     let net: u64 = read(ct, g(&OFF_CT_NET));
-    let mut key = ChurnKey { netns: net_inum(net), zone: 0, other: 0, _pad: 0, tuple: FlowTuple::default() };
+    reduce_key(net_inum(net), ct_zone(ct), &ct_tuple(ct))
+}
+
+/// Keeps from a flow what the chosen key mode groups by (the rest stays zero).
+#[inline(always)]
+fn reduce_key(netns: u32, zone: u16, t: &FlowTuple) -> ChurnKey {
+    let mut key = ChurnKey { netns, zone: 0, other: 0, _pad: 0, tuple: FlowTuple::default() };
     key.tuple.ip_version = t.ip_version;
     match g(&KEY_MODE) {
         key_mode::DST_PORT => {
@@ -470,10 +486,10 @@ fn churn_key(ct: u64) -> ChurnKey {
             key.tuple.saddr = t.saddr;
             key.tuple.daddr = t.daddr;
         }
-        key_mode::ZONE => key.zone = ct_zone(ct),
+        key_mode::ZONE => key.zone = zone,
         key_mode::TUPLE => {
-            key.tuple = t;
-            key.zone = ct_zone(ct);
+            key.tuple = *t;
+            key.zone = zone;
         }
         _ => key.tuple.ip_version = 0, // NETNS: the netns alone
     }
@@ -481,33 +497,36 @@ fn churn_key(ct: u64) -> ChurnKey {
 }
 
 #[inline(always)]
-fn add_churn(key: &ChurnKey, inserts: u64, removals: u64) {
+fn add_churn(key: &ChurnKey, delta: &ChurnValue) {
     if let Some(v) = CHURN.get_ptr_mut(key) {
-        unsafe {
-            (*v).inserts += inserts;
-            (*v).removals += removals;
-        }
+        add_value(v, delta);
         return;
     }
-    let value = ChurnValue { inserts, removals };
-    if CHURN.insert(key, value, 0).is_ok() {
+    if CHURN.insert(key, delta, 0).is_ok() {
         return;
     }
-    // Full: fold into the netns' "other" bucket so totals stay exact.
+    // The key map is full: count under the namespace's "other" bucket, which
+    // lives in its own map so it always has room, and totals stay exact.
     bump(counter::KEY_OVERFLOW);
-    let other = ChurnKey { netns: key.netns, zone: 0, other: 1, _pad: 0, tuple: FlowTuple::default() };
-    if let Some(v) = CHURN.get_ptr_mut(&other) {
-        unsafe {
-            (*v).inserts += inserts;
-            (*v).removals += removals;
-        }
-    } else {
-        // The loader pre-creates no buckets; the map keeps one slot per
-        // netns free for them by evicting nothing, so this can only fail if
-        // every slot is taken by "other" buckets of distinct namespaces.
-        let _ = CHURN.insert(&other, value, 0);
+    if let Some(v) = OTHER_KEYS.get_ptr_mut(&key.netns) {
+        add_value(v, delta);
+    } else if OTHER_KEYS.insert(&key.netns, delta, 0).is_err() {
+        bump(counter::OTHER_OVERFLOW);
     }
 }
+
+#[inline(always)]
+fn add_value(v: *mut ChurnValue, d: &ChurnValue) {
+    unsafe {
+        (*v).inserts += d.inserts;
+        (*v).removals += d.removals;
+        (*v).drops += d.drops;
+    }
+}
+
+const ONE_INSERT: ChurnValue = ChurnValue { inserts: 1, removals: 0, drops: 0 };
+const ONE_REMOVAL: ChurnValue = ChurnValue { inserts: 0, removals: 1, drops: 0 };
+const ONE_DROP: ChurnValue = ChurnValue { inserts: 0, removals: 0, drops: 1 };
 
 #[inline(always)]
 fn emit_new_entry(ct: u64, key: &ChurnKey, allocated_ns: u64) {

@@ -170,11 +170,13 @@ impl Sensors {
         let mut keys = Vec::new();
         for item in churn.iter() {
             let (key, per_cpu) = item.map_err(|e| read_err("CHURN", &e))?;
-            let sum = per_cpu.iter().fold(ChurnValue::default(), |acc, v| ChurnValue {
-                inserts: acc.inserts + v.inserts,
-                removals: acc.removals + v.removals,
-            });
-            keys.push((key, sum));
+            keys.push((key, sum_values(per_cpu.iter())));
+        }
+        let other: PerCpuHashMap<_, u32, ChurnValue> =
+            PerCpuHashMap::try_from(self.map("OTHER_KEYS")?).map_err(|e| read_err("OTHER_KEYS", &e))?;
+        for item in other.iter() {
+            let (netns, per_cpu) = item.map_err(|e| read_err("OTHER_KEYS", &e))?;
+            keys.push((ChurnKey { netns, other: 1, ..Default::default() }, sum_values(per_cpu.iter())));
         }
         let drops_map: PerCpuHashMap<_, DropKey, u64> =
             PerCpuHashMap::try_from(self.map("DROPS")?).map_err(|e| read_err("DROPS", &e))?;
@@ -200,6 +202,14 @@ impl Sensors {
             .map(name)
             .ok_or_else(|| CtguardError::ebpf(format!("map {name} missing from the object"), "rebuild ctguard"))
     }
+}
+
+fn sum_values<'a>(values: impl Iterator<Item = &'a ChurnValue>) -> ChurnValue {
+    values.fold(ChurnValue::default(), |acc, v| ChurnValue {
+        inserts: acc.inserts + v.inserts,
+        removals: acc.removals + v.removals,
+        drops: acc.drops + v.drops,
+    })
 }
 
 fn program<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T, CtguardError>

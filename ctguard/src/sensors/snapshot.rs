@@ -75,6 +75,8 @@ pub struct Counters {
     pub netfilter_drops: u64,
     /// New entries whose key has been counted.
     pub keyed_entries: u64,
+    /// Keys lost because even the per-namespace "other" buckets were full.
+    pub other_overflow: u64,
 }
 
 impl Counters {
@@ -87,6 +89,7 @@ impl Counters {
             key_overflow: a[counter::KEY_OVERFLOW as usize],
             netfilter_drops: a[counter::NF_DROPS as usize],
             keyed_entries: a[counter::CT_KEYED as usize],
+            other_overflow: a[counter::OTHER_OVERFLOW as usize],
         }
     }
 
@@ -100,6 +103,7 @@ impl Counters {
             key_overflow: self.key_overflow.wrapping_sub(earlier.key_overflow),
             netfilter_drops: self.netfilter_drops.wrapping_sub(earlier.netfilter_drops),
             keyed_entries: self.keyed_entries.wrapping_sub(earlier.keyed_entries),
+            other_overflow: self.other_overflow.wrapping_sub(earlier.other_overflow),
         }
     }
 }

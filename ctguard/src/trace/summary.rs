@@ -51,6 +51,8 @@ pub struct KeyCount {
     pub key: String,
     pub inserts: u64,
     pub removals: u64,
+    /// Conntrack's own drops of packets whose flow maps to this key.
+    pub drops: u64,
 }
 
 /// Drops per cause between two snapshots.
@@ -76,9 +78,10 @@ pub fn top_keys(start: &Snapshot, end: &Snapshot, netns: Option<u32>, mode: KeyM
                 key: format::churn_key(&k, mode),
                 inserts: v.inserts.saturating_sub(b.inserts),
                 removals: v.removals.saturating_sub(b.removals),
+                drops: v.drops.saturating_sub(b.drops),
             }
         })
-        .filter(|k| k.inserts > 0 || k.removals > 0)
+        .filter(|k| k.inserts > 0 || k.removals > 0 || k.drops > 0)
         .collect();
     out.sort_by(|a, b| b.inserts.cmp(&a.inserts).then_with(|| a.key.cmp(&b.key)));
     out.truncate(n);
