@@ -31,6 +31,8 @@ pub enum Command {
     Status(StatusArgs),
     /// Stream dropped packets (and optionally new entries) with their cause.
     Trace(TraceArgs),
+    /// Live view of conntrack churn and drops: fill gauges, rates by cause, top keys.
+    Top(TopArgs),
 }
 
 #[derive(Debug, Args)]
@@ -113,4 +115,57 @@ pub struct TraceArgs {
     /// How new entries are keyed in the summary's top list.
     #[arg(long, value_enum, default_value = "dst-port")]
     pub by: KeyMode,
+}
+
+#[derive(Debug, Args)]
+#[command(long_about = "A live view for load tests: per-namespace fill gauges with trend and \
+time-to-full, new entries/s, removals/s, drops/s by cause, early-drop evictions/s, events lost, and \
+the top keys by churn (grouped in the kernel by --by).\n\n\
+Keys in the terminal view: b grouping, s sort column, p pause, f filter, n namespace, ? help, q quit.\n\n\
+Batch mode for scripts: --once prints one sample taken --interval apart; --json prints one JSON \
+document per interval (schema \"ctguard.top.v1\": interval_s, rates, tables, keys, keys_hidden, \
+events_lost, key_overflow) and needs no terminal.")]
+pub struct TopArgs {
+    /// How new entries are grouped (in the kernel).
+    #[arg(long, value_enum, default_value = "dst-port")]
+    pub by: KeyMode,
+    /// Sampling interval (e.g. 1s, 500ms).
+    #[arg(long, default_value = "1s", value_parser = crate::util::parse_duration)]
+    pub interval: std::time::Duration,
+    /// Print one sample (taken one interval apart) and exit.
+    #[arg(long)]
+    pub once: bool,
+    /// Print one JSON document per interval instead of the terminal view.
+    #[arg(long)]
+    pub json: bool,
+    /// Batch mode: stop after this many samples.
+    #[arg(long)]
+    pub count: Option<u64>,
+    /// Stop after this long (batch mode and terminal view).
+    #[arg(long, value_parser = crate::util::parse_duration)]
+    pub duration: Option<std::time::Duration>,
+    /// Rows in the key table.
+    #[arg(long, default_value_t = 20)]
+    pub top: usize,
+    /// Sort column.
+    #[arg(long, value_enum, default_value = "inserts")]
+    pub sort: crate::top::model::SortBy,
+    /// Only this namespace: name, path or inode.
+    #[arg(long)]
+    pub netns: Option<String>,
+    /// Only keys with this protocol (tcp, udp, icmp, number).
+    #[arg(long)]
+    pub proto: Option<String>,
+    /// Only keys with this port.
+    #[arg(long)]
+    pub port: Option<u16>,
+    /// Only keys whose source address is in this CIDR.
+    #[arg(long)]
+    pub src: Option<Cidr>,
+    /// Only keys whose destination address is in this CIDR.
+    #[arg(long)]
+    pub dst: Option<Cidr>,
+    /// Distinct keys kept in the kernel before folding into "other".
+    #[arg(long, default_value_t = 16384)]
+    pub max_keys: u32,
 }

@@ -12,6 +12,7 @@ fn main() -> ExitCode {
         Command::Doctor(args) => ctguard::doctor::run(args),
         Command::Status(args) => ctguard::status::run(args),
         Command::Trace(args) => ctguard::trace::run(args),
+        Command::Top(args) => ctguard::top::run(args),
     };
     match result {
         Ok(code) => code,

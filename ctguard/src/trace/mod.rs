@@ -1,5 +1,5 @@
 //! `ctguard trace`: stream drop (and new-entry) events with their cause.
-mod filter;
+pub mod filter;
 pub mod format;
 mod summary;
 

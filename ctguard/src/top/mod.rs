@@ -1,0 +1,48 @@
+//! `ctguard top`: live view of conntrack churn and drops.
+//!
+//! The sampler reads the kernel, `model` turns two samples into a frame (pure),
+//! and either `batch` prints frames or `tui` draws them.
+mod batch;
+pub mod model;
+mod render;
+mod sampler;
+mod tui;
+
+use std::process::ExitCode;
+
+use self::model::KeyFilter;
+use crate::{
+    cli::TopArgs,
+    error::CtguardError,
+    netns::Netns,
+    sensors::SensorOptions,
+    trace::filter::parse_proto,
+};
+
+pub fn run(args: &TopArgs) -> anyhow::Result<ExitCode> {
+    if args.interval.is_zero() {
+        return Err(CtguardError::usage("--interval must be greater than 0", "e.g. --interval 1s").into());
+    }
+    let filter = key_filter(args)?;
+    let opts = SensorOptions { key_mode: args.by, max_keys: args.max_keys, ..Default::default() };
+    if args.once || args.json || args.count.is_some() {
+        batch::run(args, &opts, &filter)
+    } else {
+        tui::run(args, &opts, filter)
+    }
+}
+
+fn key_filter(args: &TopArgs) -> anyhow::Result<KeyFilter> {
+    let netns = match args.netns.as_deref() {
+        None => None,
+        Some(s) if s.chars().all(|c| c.is_ascii_digit()) => Some(s.parse::<u32>()?),
+        Some(s) => Netns::resolve(Some(s))?.first().map(|ns| ns.inode),
+    };
+    let proto = args
+        .proto
+        .as_deref()
+        .map(parse_proto)
+        .transpose()
+        .map_err(|e| CtguardError::usage(e, "e.g. --proto udp"))?;
+    Ok(KeyFilter { netns, proto, port: args.port, src: args.src, dst: args.dst })
+}
