@@ -33,6 +33,12 @@ pub enum Command {
     Trace(TraceArgs),
     /// Live view of conntrack churn and drops: fill gauges, rates by cause, top keys.
     Top(TopArgs),
+    /// Sizing advice (max, buckets, timeouts) from RAM, kernel defaults and observed churn; --apply with backup.
+    Recommend(crate::recommend::RecommendArgs),
+    /// Restore the conntrack settings saved by `recommend --apply`.
+    Rollback(crate::recommend::RollbackArgs),
+    /// NOTRACK-equivalent nftables rules in a ctguard-owned table: add, list, remove, suggest.
+    Bypass(crate::bypass::BypassArgs),
 }
 
 #[derive(Debug, Args)]

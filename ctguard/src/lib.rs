@@ -2,6 +2,7 @@
 //!
 //! The library holds every command's logic so integration tests can drive it;
 //! `main.rs` only parses the command line and maps errors to exit codes.
+pub mod bypass;
 pub mod cli;
 pub mod conntrack;
 pub mod doctor;
@@ -9,6 +10,7 @@ pub mod error;
 pub mod flood;
 pub mod kernel;
 pub mod netns;
+pub mod recommend;
 pub mod sensors;
 pub mod status;
 pub mod top;

@@ -13,6 +13,9 @@ fn main() -> ExitCode {
         Command::Status(args) => ctguard::status::run(args),
         Command::Trace(args) => ctguard::trace::run(args),
         Command::Top(args) => ctguard::top::run(args),
+        Command::Recommend(args) => ctguard::recommend::run(args),
+        Command::Rollback(args) => ctguard::recommend::rollback(args),
+        Command::Bypass(args) => ctguard::bypass::run(args),
     };
     match result {
         Ok(code) => code,
