@@ -59,7 +59,13 @@ pub mod counter {
     pub const CT_KEYED: u32 = 6;
     /// Keys lost because even the per-namespace "other" map was full.
     pub const OTHER_OVERFLOW: u32 = 7;
-    pub const COUNT: u32 = 8;
+    /// Allocations conntrack refused: table full (function-hook backend only).
+    pub const CT_ALLOC_REFUSED: u32 = 8;
+    /// __nf_conntrack_confirm returned NF_DROP (function-hook backend only).
+    pub const CONFIRM_FAILED: u32 = 9;
+    /// Entries evicted by early_drop (function-hook backend only).
+    pub const EARLY_DROP_EVICTIONS: u32 = 10;
+    pub const COUNT: u32 = 12;
 }
 
 /// A flow as conntrack sees it: addresses in network byte order (IPv4 in the

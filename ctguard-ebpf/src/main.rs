@@ -20,11 +20,11 @@
 
 use aya_ebpf::{
     helpers::{bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_probe_read_kernel},
-    macros::{btf_tracepoint, fentry, fexit, kprobe, map, raw_tracepoint, tracepoint},
+    macros::{btf_tracepoint, fentry, fexit, kprobe, kretprobe, map, raw_tracepoint, tracepoint},
     maps::{Array, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{
         BtfTracePointContext, FEntryContext, FExitContext, ProbeContext, RawTracePointContext,
-        TracePointContext,
+        RetProbeContext, TracePointContext,
     },
 };
 use aya_log_ebpf::info;
@@ -175,7 +175,16 @@ fn on_netfilter_drop(skb: u64, location: u64) {
     let ctinfo = nfct & NFCT_INFOMASK;
     let ct_status: u32 = if ct != 0 { read(ct, g(&OFF_CT_STATUS)) } else { 0 };
 
-    let (drop_cause, conf) = classify_drop(location, ct, ctinfo, ct_status);
+    let (mut drop_cause, mut conf) = classify_drop(location, ct, ctinfo, ct_status);
+    // With the function-hook backend, conntrack told us (on this CPU, in this
+    // very call chain) whether it refused an allocation or failed a confirm.
+    let verdict = take_verdict();
+    if let Some(v) = verdict {
+        if location >= g(&NF_HOOK_SLOW_START) && location < g(&NF_HOOK_SLOW_END) {
+            drop_cause = if v.kind == VERDICT_REFUSED { cause::TABLE_FULL } else { cause::INSERT_FAILED };
+            conf = confidence::CERTAIN;
+        }
+    }
 
     let dev: u64 = read(skb, g(&OFF_SKB_DEV));
     let (ifindex, mut net) = if dev != 0 {
@@ -213,6 +222,12 @@ fn on_netfilter_drop(skb: u64, location: u64) {
     ev.ctinfo = if nfct == 0 { CTINFO_NONE } else { ctinfo as u8 };
     ev.zone = 0;
     parse_packet(skb, &mut ev.tuple);
+    if let Some(v) = verdict {
+        if drop_cause == cause::TABLE_FULL && v.kind == VERDICT_REFUSED {
+            // The tuple conntrack itself refused (post-defrag, as it keys it).
+            ev.tuple = v.tuple;
+        }
+    }
 
     if drop_cause != cause::RULESET && drop_cause != cause::OTHER {
         // Conntrack's own drops also count against the flow key they would
@@ -429,16 +444,19 @@ fn count_new_entry(ct: u64, allocated_ns: u64) {
 
 #[inline(always)]
 fn ct_tuple(ct: u64) -> FlowTuple {
-    let base = ct + g(&OFF_CT_TUPLE) as u64;
-    let mut t = FlowTuple {
-        saddr: read(base, g(&OFF_TUPLE_SRC_ADDR)),
-        daddr: read(base, g(&OFF_TUPLE_DST_ADDR)),
-        sport: u16::from_be(read(base, g(&OFF_TUPLE_SRC_PORT))),
-        dport: u16::from_be(read(base, g(&OFF_TUPLE_DST_PORT))),
-        ip_version: 0,
-        proto: read(base, g(&OFF_TUPLE_PROTO)),
-        _pad: [0; 2],
-    };
+    let mut t = FlowTuple::default();
+    read_tuple(ct + g(&OFF_CT_TUPLE) as u64, &mut t);
+    t
+}
+
+/// Reads a `struct nf_conntrack_tuple` at `base` into `t`.
+#[inline(always)]
+fn read_tuple(base: u64, t: &mut FlowTuple) {
+    t.saddr = read(base, g(&OFF_TUPLE_SRC_ADDR));
+    t.daddr = read(base, g(&OFF_TUPLE_DST_ADDR));
+    t.sport = u16::from_be(read(base, g(&OFF_TUPLE_SRC_PORT)));
+    t.dport = u16::from_be(read(base, g(&OFF_TUPLE_DST_PORT)));
+    t.proto = read(base, g(&OFF_TUPLE_PROTO));
     let l3: u16 = read(base, g(&OFF_TUPLE_L3NUM));
     t.ip_version = match l3 {
         2 => 4,
@@ -454,7 +472,6 @@ fn ct_tuple(ct: u64) -> FlowTuple {
             *b = 0;
         }
     }
-    t
 }
 
 #[inline(always)]
@@ -551,6 +568,168 @@ fn emit_new_entry(ct: u64, key: &ChurnKey, allocated_ns: u64) {
         (*ev).tuple = ct_tuple(ct);
     }
     entry.submit(0);
+}
+
+// ---------------------------------------------------------------------------
+// Function-hook backend (kprobe / kretprobe on nf_conntrack's functions): used
+// where the kernel has kprobes (stock distro kernels). New entries are keyed
+// as __nf_conntrack_alloc returns them, refusals carry the refused tuple, and
+// early_drop evictions are counted one by one.
+// ---------------------------------------------------------------------------
+
+/// Arguments of an __nf_conntrack_alloc call in flight, per CPU. A softirq can
+/// interrupt a process-context call between entry and return, so this is a
+/// small stack rather than one slot.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct AllocFrames {
+    depth: u32,
+    _pad: u32,
+    net: [u64; ALLOC_DEPTH],
+    orig: [u64; ALLOC_DEPTH],
+}
+
+const ALLOC_DEPTH: usize = 4;
+
+#[map]
+static ALLOC_FRAMES: PerCpuArray<AllocFrames> = PerCpuArray::with_max_entries(1, 0);
+
+/// What conntrack decided last on this CPU, consumed by the next NETFILTER_DROP.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Verdict {
+    kind: u32,
+    netns: u32,
+    ts_ns: u64,
+    tuple: FlowTuple,
+}
+
+const VERDICT_NONE: u32 = 0;
+const VERDICT_REFUSED: u32 = 1;
+const VERDICT_CONFIRM_FAILED: u32 = 2;
+/// A verdict older than this belongs to another packet.
+const VERDICT_MAX_AGE_NS: u64 = 1_000_000;
+
+#[map]
+static VERDICTS: PerCpuArray<Verdict> = PerCpuArray::with_max_entries(1, 0);
+
+/// Nesting depth of early_drop on this CPU: nf_ct_delete calls inside it are evictions.
+#[map]
+static EARLY_DROP_DEPTH: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+
+#[inline(always)]
+fn take_verdict() -> Option<Verdict> {
+    let slot = VERDICTS.get_ptr_mut(0)?;
+    let v = unsafe { *slot };
+    if v.kind == VERDICT_NONE {
+        return None;
+    }
+    unsafe { (*slot).kind = VERDICT_NONE };
+    let age = unsafe { bpf_ktime_get_ns() }.wrapping_sub(v.ts_ns);
+    (age < VERDICT_MAX_AGE_NS).then_some(v)
+}
+
+#[inline(always)]
+fn set_verdict(kind: u32, netns: u32, tuple: &FlowTuple) {
+    if let Some(slot) = VERDICTS.get_ptr_mut(0) {
+        unsafe {
+            (*slot).kind = kind;
+            (*slot).netns = netns;
+            (*slot).ts_ns = bpf_ktime_get_ns();
+            (*slot).tuple = *tuple;
+        }
+    }
+}
+
+#[kprobe]
+pub fn fh_alloc_entry(ctx: ProbeContext) -> u32 {
+    // __nf_conntrack_alloc(net, zone, orig, repl, gfp, hash)
+    let (Some(net), Some(orig)) = (ctx.arg::<u64>(0), ctx.arg::<u64>(2)) else { return 0 };
+    let Some(f) = ALLOC_FRAMES.get_ptr_mut(0) else { return 0 };
+    unsafe {
+        let d = (*f).depth as usize;
+        if d < ALLOC_DEPTH {
+            (*f).net[d] = net;
+            (*f).orig[d] = orig;
+        }
+        (*f).depth += 1;
+    }
+    0
+}
+
+#[kretprobe]
+pub fn fh_alloc_exit(ctx: RetProbeContext) -> u32 {
+    let ret: u64 = ctx.ret();
+    let Some(f) = ALLOC_FRAMES.get_ptr_mut(0) else { return 0 };
+    let (net, orig) = unsafe {
+        if (*f).depth == 0 {
+            return 0; // attached mid-call: no entry seen
+        }
+        (*f).depth -= 1;
+        let d = (*f).depth as usize;
+        if d >= ALLOC_DEPTH {
+            (0, 0)
+        } else {
+            ((*f).net[d], (*f).orig[d])
+        }
+    };
+    // ERR_PTR values are the top 4095 addresses.
+    if ret >= (-4095i64) as u64 {
+        bump(counter::CT_ALLOC_REFUSED);
+        if orig != 0 {
+            let mut t = FlowTuple::default();
+            read_tuple(orig, &mut t);
+            set_verdict(VERDICT_REFUSED, net_inum(net), &t);
+        }
+        return 0;
+    }
+    if ret == 0 {
+        bump(counter::CT_ALLOC_FAILED);
+        return 0;
+    }
+    bump(counter::CT_ALLOCATED);
+    // Unlike at the slab tracepoint, the entry is initialised here.
+    count_new_entry(ret, unsafe { bpf_ktime_get_ns() });
+    0
+}
+
+#[kretprobe]
+pub fn fh_confirm_exit(ctx: RetProbeContext) -> u32 {
+    // __nf_conntrack_confirm returns NF_DROP (0) when the insert failed.
+    let ret: u64 = ctx.ret();
+    if ret as u32 == 0 {
+        bump(counter::CONFIRM_FAILED);
+        set_verdict(VERDICT_CONFIRM_FAILED, 0, &FlowTuple::default());
+    }
+    0
+}
+
+#[kprobe]
+pub fn fh_early_drop_entry(_ctx: ProbeContext) -> u32 {
+    if let Some(d) = EARLY_DROP_DEPTH.get_ptr_mut(0) {
+        unsafe { *d += 1 };
+    }
+    0
+}
+
+#[kretprobe]
+pub fn fh_early_drop_exit(_ctx: RetProbeContext) -> u32 {
+    if let Some(d) = EARLY_DROP_DEPTH.get_ptr_mut(0) {
+        unsafe { *d = (*d).saturating_sub(1) };
+    }
+    0
+}
+
+#[kretprobe]
+pub fn fh_ct_delete_exit(ctx: RetProbeContext) -> u32 {
+    // nf_ct_delete returns true when it killed the entry; inside early_drop
+    // that is one eviction (the kernel's `early_drop` counter counts the same).
+    let killed: u64 = ctx.ret();
+    let Some(d) = EARLY_DROP_DEPTH.get_ptr_mut(0) else { return 0 };
+    if unsafe { *d } > 0 && killed as u8 != 0 {
+        bump(counter::EARLY_DROP_EVICTIONS);
+    }
+    0
 }
 
 // ---------------------------------------------------------------------------

@@ -121,6 +121,9 @@ pub struct TraceArgs {
     /// How new entries are keyed in the summary's top list.
     #[arg(long, value_enum, default_value = "dst-port")]
     pub by: KeyMode,
+    /// Which kernel hooks to use (see `ctguard doctor`).
+    #[arg(long, value_enum, default_value = "auto")]
+    pub backend: crate::sensors::backend::BackendRequest,
 }
 
 #[derive(Debug, Args)]
@@ -174,4 +177,7 @@ pub struct TopArgs {
     /// Distinct keys kept in the kernel before folding into "other".
     #[arg(long, default_value_t = 16384)]
     pub max_keys: u32,
+    /// Which kernel hooks to use (see `ctguard doctor`).
+    #[arg(long, value_enum, default_value = "auto")]
+    pub backend: crate::sensors::backend::BackendRequest,
 }

@@ -20,20 +20,17 @@ pub struct SensorPlan {
 }
 
 /// Facts besides the probes that the choice depends on.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct KernelFacts {
     pub vmlinux_btf: bool,
     /// skb:kfree_skb carries a drop reason (5.15.58+).
     pub kfree_skb_has_reason: bool,
+    /// Hooked conntrack functions missing from kallsyms.
+    pub missing_functions: Vec<&'static str>,
 }
 
-pub fn choose(probes: &[Probe], facts: KernelFacts) -> BackendChoice {
+pub fn choose(probes: &[Probe], facts: &KernelFacts) -> BackendChoice {
     let works = |k: HookKind| probes.iter().any(|p| p.hook == k && p.works());
-    let fentry_note = if works(HookKind::FentryVmlinux) {
-        "fentry works here too; the function-hook backend is not in this version yet"
-    } else {
-        "fentry/fexit are refused here, so the tracepoint backend is also the only possible one"
-    };
     if !facts.vmlinux_btf {
         return none("the kernel has no BTF (/sys/kernel/btf/vmlinux): ctguard cannot resolve struct layouts");
     }
@@ -43,13 +40,32 @@ pub fn choose(probes: &[Probe], facts: KernelFacts) -> BackendChoice {
     if !facts.kfree_skb_has_reason {
         return none("skb:kfree_skb has no drop reason on this kernel (needs 5.15.58+)");
     }
+    if works(HookKind::Kprobe) && facts.missing_functions.is_empty() {
+        return BackendChoice {
+            backend: "function_hooks",
+            sensors: vec![
+                SensorPlan { sensor: "drops", hooks: "tp_btf skb:kfree_skb + kretprobes __nf_conntrack_alloc / __nf_conntrack_confirm (certain cause, refused tuple)" },
+                SensorPlan { sensor: "new entries", hooks: "kprobe + kretprobe __nf_conntrack_alloc" },
+                SensorPlan { sensor: "removed entries", hooks: "tp_btf kmem:kmem_cache_free on the nf_conntrack slab" },
+                SensorPlan { sensor: "evictions", hooks: "kprobe/kretprobe early_drop + kretprobe nf_ct_delete" },
+            ],
+            reason: "kprobes work and every hooked conntrack function is in kallsyms (fentry on module functions is not used: \
+                     aya cannot pass module BTF, kprobes reach module functions directly)"
+                .into(),
+        };
+    }
+    let why_not = if !works(HookKind::Kprobe) {
+        "kprobes do not work here".to_string()
+    } else {
+        format!("hooked functions missing from kallsyms: {}", facts.missing_functions.join(", "))
+    };
     BackendChoice {
         backend: "tracepoint",
         sensors: vec![
             SensorPlan { sensor: "drops", hooks: "tp_btf skb:kfree_skb (reason NETFILTER_DROP)" },
             SensorPlan { sensor: "new/removed entries", hooks: "tp_btf kmem:kmem_cache_alloc / kmem_cache_free on the nf_conntrack slab" },
         ],
-        reason: format!("tp_btf works and the kernel has BTF; {fentry_note}"),
+        reason: format!("tp_btf works and the kernel has BTF; function hooks unavailable: {why_not}"),
     }
 }
 
@@ -70,27 +86,32 @@ mod tests {
         }
     }
 
-    const GOOD: KernelFacts = KernelFacts { vmlinux_btf: true, kfree_skb_has_reason: true };
+    fn good() -> KernelFacts {
+        KernelFacts { vmlinux_btf: true, kfree_skb_has_reason: true, missing_functions: vec![] }
+    }
 
     #[test]
-    fn locked_down_kernel_uses_tracepoints_and_says_fentry_is_refused() {
-        let c = choose(&[probe(HookKind::TpBtf, true), probe(HookKind::FentryVmlinux, false)], GOOD);
+    fn locked_down_kernel_uses_tracepoints_and_says_why() {
+        let c = choose(&[probe(HookKind::TpBtf, true), probe(HookKind::Kprobe, false)], &good());
         assert_eq!(c.backend, "tracepoint");
-        assert!(c.reason.contains("refused"), "{}", c.reason);
+        assert!(c.reason.contains("kprobes do not work"), "{}", c.reason);
         assert_eq!(c.sensors.len(), 2);
     }
 
     #[test]
-    fn fentry_capable_kernel_is_told_apart() {
-        let c = choose(&[probe(HookKind::TpBtf, true), probe(HookKind::FentryVmlinux, true)], GOOD);
+    fn distro_kernel_uses_function_hooks() {
+        let c = choose(&[probe(HookKind::TpBtf, true), probe(HookKind::Kprobe, true)], &good());
+        assert_eq!(c.backend, "function_hooks");
+        let inlined = KernelFacts { missing_functions: vec!["early_drop"], ..good() };
+        let c = choose(&[probe(HookKind::TpBtf, true), probe(HookKind::Kprobe, true)], &inlined);
         assert_eq!(c.backend, "tracepoint");
-        assert!(c.reason.contains("fentry works"), "{}", c.reason);
+        assert!(c.reason.contains("early_drop"), "{}", c.reason);
     }
 
     #[test]
     fn no_backend_without_tp_btf_btf_or_reason() {
-        assert_eq!(choose(&[probe(HookKind::TpBtf, false)], GOOD).backend, "none");
-        assert_eq!(choose(&[probe(HookKind::TpBtf, true)], KernelFacts { vmlinux_btf: false, ..GOOD }).backend, "none");
-        assert_eq!(choose(&[probe(HookKind::TpBtf, true)], KernelFacts { kfree_skb_has_reason: false, ..GOOD }).backend, "none");
+        assert_eq!(choose(&[probe(HookKind::TpBtf, false)], &good()).backend, "none");
+        assert_eq!(choose(&[probe(HookKind::TpBtf, true)], &KernelFacts { vmlinux_btf: false, ..good() }).backend, "none");
+        assert_eq!(choose(&[probe(HookKind::TpBtf, true)], &KernelFacts { kfree_skb_has_reason: false, ..good() }).backend, "none");
     }
 }

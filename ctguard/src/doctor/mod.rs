@@ -27,8 +27,9 @@ pub struct Report {
     pub conntrack: ConntrackReport,
     pub probes: Vec<Probe>,
     pub backend: BackendChoice,
-    /// Whether ctguard's real sensor programs loaded and attached just now.
-    pub sensors_load: Result<(), String>,
+    /// Whether ctguard's real sensor programs loaded and attached just now
+    /// (Ok holds the backend they used).
+    pub sensors_load: Result<String, String>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -72,11 +73,17 @@ pub fn collect() -> Report {
     let btf = if vmlinux { aya::Btf::from_sys_fs().ok() } else { None };
     let placement = probes::conntrack_placement();
     let probes = probes::run_all(btf.as_ref(), placement);
-    let backend = backend::choose(&probes, KernelFacts { vmlinux_btf: vmlinux, kfree_skb_has_reason });
+    let missing_functions = crate::kernel::kallsyms::Kallsyms::read()
+        .map(|syms| crate::sensors::backend::probe_host(&syms).missing_functions)
+        .unwrap_or_else(|_| crate::sensors::backend::HOOKED_FUNCTIONS.to_vec());
+    let backend = backend::choose(&probes, &KernelFacts { vmlinux_btf: vmlinux, kfree_skb_has_reason, missing_functions });
     let sensors_load = if backend.backend == "none" {
         Err("no usable backend".to_string())
     } else {
-        Sensors::start(&SensorOptions::default()).map(drop).map_err(|e| error_chain(&e))
+        // Load the real sensors the way `trace`/`top` would (automatic choice).
+        Sensors::start(&SensorOptions::default())
+            .map(|s| format!("{:?}", s.backend))
+            .map_err(|e| error_chain(&e))
     };
     Report {
         kernel: system::kernel_release(),

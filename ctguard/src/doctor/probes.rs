@@ -215,7 +215,7 @@ fn module_fentry_outcome(placement: ConntrackPlacement) -> Outcome {
             reason: "nf_conntrack is a module that is not loaded; load it (modprobe nf_conntrack) and run doctor again".into(),
         },
         ConntrackPlacement::Module => Outcome::NotApplicable {
-            reason: "not probed: attaching to module functions needs the module-BTF load path, which this ctguard version does not have yet".into(),
+            reason: "not probed: aya 0.14 cannot pass module BTF to fentry; ctguard hooks nf_conntrack's functions with kprobes instead (see the kprobe row)".into(),
         },
     }
 }

@@ -47,8 +47,8 @@ pub fn table(r: &Report) -> String {
     }
     let _ = writeln!(out, "  why: {}", r.backend.reason);
     match &r.sensors_load {
-        Ok(()) => {
-            let _ = writeln!(out, "  sensors loaded and attached: ok");
+        Ok(backend) => {
+            let _ = writeln!(out, "  sensors loaded and attached: ok (backend {backend})");
         }
         Err(e) => {
             let _ = writeln!(out, "  sensors failed to load: {e}");

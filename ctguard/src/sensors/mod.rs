@@ -5,6 +5,7 @@
 //! `skb:kfree_skb` for drops, `kmem:kmem_cache_alloc/free` on the nf_conntrack
 //! slab for new and removed entries. Totals always come from the per-CPU maps,
 //! never from event delivery.
+pub mod backend;
 pub mod event;
 pub mod layout;
 pub mod snapshot;
@@ -12,12 +13,19 @@ pub mod snapshot;
 use aya::{
     Btf, Ebpf, EbpfLoader,
     maps::{MapData, PerCpuArray, PerCpuHashMap, RingBuf},
-    programs::{BtfTracePoint, RawTracePoint, RawTracePointRunOptions, TestRun},
+    programs::{BtfTracePoint, KProbe, RawTracePoint, RawTracePointRunOptions, TestRun},
 };
 use ctguard_ebpf::{ChurnKey, ChurnValue, DropKey, counter, key_mode};
 
-use self::{layout::Layout, snapshot::Snapshot};
-use crate::{error::CtguardError, kernel::system};
+use self::{
+    backend::{Backend, BackendRequest},
+    layout::Layout,
+    snapshot::Snapshot,
+};
+use crate::{
+    error::CtguardError,
+    kernel::{kallsyms::Kallsyms, system},
+};
 
 /// The compiled kernel programs, embedded at build time (see build.rs).
 pub fn object_bytes() -> &'static [u8] {
@@ -67,11 +75,19 @@ pub struct SensorOptions {
     pub max_keys: u32,
     /// Ring buffer size in bytes (a power of two, multiple of the page size).
     pub ring_bytes: u32,
+    /// Which hooks to use (`--backend`).
+    pub backend: BackendRequest,
 }
 
 impl Default for SensorOptions {
     fn default() -> Self {
-        Self { key_mode: KeyMode::DstPort, emit_new_events: false, max_keys: 16384, ring_bytes: 1 << 20 }
+        Self {
+            key_mode: KeyMode::DstPort,
+            emit_new_events: false,
+            max_keys: 16384,
+            ring_bytes: 1 << 20,
+            backend: BackendRequest::Auto,
+        }
     }
 }
 
@@ -82,6 +98,9 @@ pub struct Sensors {
     /// Kernel-side diagnostics (aya-log), drained into `log` at each snapshot.
     kernel_log: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     pub layout: Layout,
+    /// The hooks in use and why they were chosen.
+    pub backend: Backend,
+    pub backend_reason: String,
     cpus: Vec<u32>,
 }
 
@@ -89,9 +108,21 @@ pub struct Sensors {
 /// interrupts its CPU; it is keyed at the next flush instead.
 const FLUSH_MIN_AGE_NS: u64 = 200_000;
 
-const DROP_PROGRAM: (&str, &str) = ("ctg_kfree_skb", "kfree_skb");
-const CHURN_PROGRAMS: [(&str, &str); 2] =
-    [("ctg_ct_alloc", "kmem_cache_alloc"), ("ctg_ct_free", "kmem_cache_free")];
+/// tp_btf programs and their tracepoints, per backend.
+const TRACEPOINT_PROGRAMS: [(&str, &str); 3] =
+    [("ctg_kfree_skb", "kfree_skb"), ("ctg_ct_alloc", "kmem_cache_alloc"), ("ctg_ct_free", "kmem_cache_free")];
+/// The function-hook backend keys new entries at __nf_conntrack_alloc's
+/// return instead of at the slab allocation.
+const FUNCTION_BACKEND_TRACEPOINTS: [(&str, &str); 2] = [("ctg_kfree_skb", "kfree_skb"), ("ctg_ct_free", "kmem_cache_free")];
+/// kprobe / kretprobe programs and the functions they attach to.
+const FUNCTION_HOOKS: [(&str, &str); 6] = [
+    ("fh_alloc_entry", "__nf_conntrack_alloc"),
+    ("fh_alloc_exit", "__nf_conntrack_alloc"),
+    ("fh_confirm_exit", "__nf_conntrack_confirm"),
+    ("fh_early_drop_entry", "early_drop"),
+    ("fh_early_drop_exit", "early_drop"),
+    ("fh_ct_delete_exit", "nf_ct_delete"),
+];
 
 impl Sensors {
     pub fn start(opts: &SensorOptions) -> Result<Self, CtguardError> {
@@ -114,8 +145,25 @@ impl Sensors {
             CtguardError::ebpf(format!("loading the kernel programs failed: {e}"), "run `ctguard doctor` to see which hooks this kernel allows")
         })?;
         let btf = Btf::from_sys_fs().map_err(|e| CtguardError::Btf { what: e.to_string() })?;
-        for (prog, tracepoint) in std::iter::once(DROP_PROGRAM).chain(CHURN_PROGRAMS) {
-            attach_tp_btf(&mut ebpf, prog, tracepoint, &btf)?;
+        let facts = backend::probe_host(&Kallsyms::read()?);
+        let (backend, backend_reason) = backend::choose(opts.backend, &facts)
+            .map_err(|e| CtguardError::usage(e, "use --backend auto or --backend tracepoint"))?;
+        match backend {
+            Backend::Tracepoint => {
+                for (prog, tracepoint) in TRACEPOINT_PROGRAMS {
+                    attach_tp_btf(&mut ebpf, prog, tracepoint, &btf)?;
+                }
+            }
+            Backend::FunctionHooks => {
+                for (prog, tracepoint) in FUNCTION_BACKEND_TRACEPOINTS {
+                    attach_tp_btf(&mut ebpf, prog, tracepoint, &btf)?;
+                }
+                for (prog, function) in FUNCTION_HOOKS {
+                    let p: &mut KProbe = program(&mut ebpf, prog)?;
+                    p.load().map_err(|e| load_error(prog, e))?;
+                    p.attach(function, 0).map_err(|e| load_error(prog, e))?;
+                }
+            }
         }
         let kernel_log = match aya_log::EbpfLogger::init(&mut ebpf) {
             Ok(l) => Some(l),
@@ -128,7 +176,7 @@ impl Sensors {
         flush.load().map_err(|e| load_error("ctg_flush", e))?;
         let cpus = aya::util::online_cpus()
             .map_err(|(_, e)| CtguardError::ebpf(format!("cannot list online CPUs: {e}"), "is /sys mounted?"))?;
-        Ok(Self { ebpf, kernel_log, layout, cpus })
+        Ok(Self { ebpf, kernel_log, layout, backend, backend_reason, cpus })
     }
 
     /// Keys the last new entry of every CPU (see `ctg_flush`).

@@ -77,6 +77,12 @@ pub struct Counters {
     pub keyed_entries: u64,
     /// Keys lost because even the per-namespace "other" buckets were full.
     pub other_overflow: u64,
+    /// Allocations conntrack refused because the table was full (function hooks only).
+    pub alloc_refused: u64,
+    /// Confirms that failed (function hooks only).
+    pub confirm_failed: u64,
+    /// Entries evicted by early_drop to make room (function hooks only).
+    pub early_drop_evictions: u64,
 }
 
 impl Counters {
@@ -90,6 +96,9 @@ impl Counters {
             netfilter_drops: a[counter::NF_DROPS as usize],
             keyed_entries: a[counter::CT_KEYED as usize],
             other_overflow: a[counter::OTHER_OVERFLOW as usize],
+            alloc_refused: a[counter::CT_ALLOC_REFUSED as usize],
+            confirm_failed: a[counter::CONFIRM_FAILED as usize],
+            early_drop_evictions: a[counter::EARLY_DROP_EVICTIONS as usize],
         }
     }
 
@@ -104,6 +113,9 @@ impl Counters {
             netfilter_drops: self.netfilter_drops.wrapping_sub(earlier.netfilter_drops),
             keyed_entries: self.keyed_entries.wrapping_sub(earlier.keyed_entries),
             other_overflow: self.other_overflow.wrapping_sub(earlier.other_overflow),
+            alloc_refused: self.alloc_refused.wrapping_sub(earlier.alloc_refused),
+            confirm_failed: self.confirm_failed.wrapping_sub(earlier.confirm_failed),
+            early_drop_evictions: self.early_drop_evictions.wrapping_sub(earlier.early_drop_evictions),
         }
     }
 }

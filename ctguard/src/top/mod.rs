@@ -24,7 +24,7 @@ pub fn run(args: &TopArgs) -> anyhow::Result<ExitCode> {
         return Err(CtguardError::usage("--interval must be greater than 0", "e.g. --interval 1s").into());
     }
     let filter = key_filter(args)?;
-    let opts = SensorOptions { key_mode: args.by, max_keys: args.max_keys, ..Default::default() };
+    let opts = SensorOptions { key_mode: args.by, max_keys: args.max_keys, backend: args.backend, ..Default::default() };
     if args.once || args.json || args.count.is_some() {
         batch::run(args, &opts, &filter)
     } else {

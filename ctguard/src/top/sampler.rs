@@ -28,6 +28,11 @@ impl Sampler {
         Ok(Self { sensors, started: Instant::now(), namespaces: Vec::new(), listed_at_s: f64::NEG_INFINITY, only })
     }
 
+    /// The backend the sensors use (for the header).
+    pub fn backend(&self) -> crate::sensors::backend::Backend {
+        self.sensors.backend
+    }
+
     pub fn sample(&mut self) -> Result<Sample, CtguardError> {
         let at_s = self.started.elapsed().as_secs_f64();
         if at_s - self.listed_at_s >= NETNS_REFRESH_S {

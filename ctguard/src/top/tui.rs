@@ -65,11 +65,13 @@ struct App {
     drop_history: VecDeque<u64>,
     started: Instant,
     kernel: String,
+    backend: String,
 }
 
 pub fn run(args: &TopArgs, opts: &SensorOptions, filter: KeyFilter) -> anyhow::Result<ExitCode> {
     // Fail before touching the terminal when the sensors cannot start.
     let sampler = Sampler::start(opts, filter.netns)?;
+    let backend = format!("{:?}", sampler.backend());
     // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
     unsafe {
         libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
@@ -100,6 +102,7 @@ pub fn run(args: &TopArgs, opts: &SensorOptions, filter: KeyFilter) -> anyhow::R
         drop_history: VecDeque::new(),
         started: Instant::now(),
         kernel: system::kernel_release(),
+        backend,
     };
     let result = ui_loop(&mut terminal, &mut app, &rx, &mode_tx, args.duration);
     ratatui::restore();
@@ -323,8 +326,9 @@ fn draw(f: &mut TermFrame<'_>, app: &App) {
 
     let up = app.started.elapsed().as_secs();
     let head = format!(
-        " ctguard top | kernel {} | backend tracepoint | netns {} | up {:02}:{:02}:{:02} | every {:.1}s | by {:?} | sort {:?}{}",
+        " ctguard top | kernel {} | backend {} | netns {} | up {:02}:{:02}:{:02} | every {:.1}s | by {:?} | sort {:?}{}",
         app.kernel,
+        app.backend,
         app.filter.netns.map_or("all".to_string(), |n| n.to_string()),
         up / 3600,
         up / 60 % 60,

@@ -41,6 +41,7 @@ pub fn run(args: &TraceArgs) -> anyhow::Result<ExitCode> {
         key_mode: args.by,
         emit_new_events: args.new,
         ring_bytes: args.ring_kib * 1024,
+        backend: args.backend,
         ..Default::default()
     };
     let syms = Kallsyms::read()?;
