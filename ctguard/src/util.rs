@@ -30,6 +30,18 @@ pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     Ok(std::time::Duration::from_secs_f64(secs))
 }
 
+/// The inverse of [`parse_duration`] for messages: `500ms`, `1s`, `1.5s`, `2m`.
+pub fn format_duration(d: std::time::Duration) -> String {
+    let ms = d.as_millis();
+    if ms < 1000 {
+        format!("{ms}ms")
+    } else if ms.is_multiple_of(60_000) {
+        format!("{}m", ms / 60_000)
+    } else {
+        format!("{}s", ms as f64 / 1000.0)
+    }
+}
+
 /// An IPv4 or IPv6 network in CIDR notation (`10.0.0.0/8`, `fd00::/64`, or a
 /// bare address meaning a single host).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -92,6 +104,16 @@ mod tests {
         assert_eq!(parse_duration("5m").unwrap().as_secs(), 300);
         assert!(parse_duration("5 parsecs").unwrap_err().contains("unit"));
         assert!(parse_duration("abc").is_err());
+    }
+
+    #[test]
+    fn formatted_durations() {
+        use std::time::Duration;
+        assert_eq!(format_duration(Duration::from_millis(500)), "500ms");
+        assert_eq!(format_duration(Duration::from_secs(1)), "1s");
+        assert_eq!(format_duration(Duration::from_millis(1500)), "1.5s");
+        assert_eq!(format_duration(Duration::from_secs(120)), "2m");
+        assert_eq!(format_duration(parse_duration("2s").unwrap()), "2s");
     }
 
     #[test]
