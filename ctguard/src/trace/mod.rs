@@ -16,6 +16,7 @@ use tokio::{io::unix::AsyncFd, signal::unix::SignalKind};
 pub use self::{filter::Filter, summary::Summary};
 use crate::{
     cli::TraceArgs,
+    conntrack::{self, ConntrackView, StatTable},
     error::CtguardError,
     kernel::kallsyms::Kallsyms,
     netns::{self, Netns},
@@ -45,13 +46,16 @@ pub fn run(args: &TraceArgs) -> anyhow::Result<ExitCode> {
         ..Default::default()
     };
     let syms = Kallsyms::read()?;
-    // The kernel's counters are read before the programs attach and the maps
-    // start at zero, so the summary covers exactly the same interval.
-    let kernel_before = kernel_counters();
-    let mono_start = monotonic_ns();
     let mut sensors = Sensors::start(&opts)?;
-    let start = Snapshot::empty();
-    let ring = sensors.take_events()?;
+    // Baselines are taken once everything is attached, back to back, and the
+    // events produced before them are discarded: the summary, the events and
+    // the kernel's counters then cover the same interval (up to the few
+    // microseconds between the two baseline reads).
+    let kernel_before = kernel_counters();
+    let start = sensors.snapshot()?;
+    let mono_start = monotonic_ns();
+    let mut ring = sensors.take_events()?;
+    while ring.next().is_some() {}
     if !args.json {
         eprintln!("ctguard: tracing netfilter drops{} (Ctrl-C to stop)", if args.new { " and new entries" } else { "" });
     }
@@ -202,11 +206,11 @@ fn monotonic_ns() -> u64 {
 
 /// Summed conntrack counters of every namespace where conntrack is loaded,
 /// keyed by namespace inode.
-fn kernel_counters() -> BTreeMap<u32, (Netns, BTreeMap<String, u64>)> {
+fn kernel_counters() -> BTreeMap<u32, (Netns, StatTable)> {
     let mut out = BTreeMap::new();
     for ns in netns::list_all().unwrap_or_default() {
-        if let Ok(Ok(view)) = ns.run(crate::conntrack::read_current_counters) {
-            out.insert(ns.inode, (ns, view));
+        if let Ok(ConntrackView::Active(table)) = conntrack::read_netns(&ns) {
+            out.insert(ns.inode, (ns, table.stats));
         }
     }
     out
@@ -218,7 +222,7 @@ fn summarize(
     stream: &StreamStats,
     filter: &Filter,
     args: &TraceArgs,
-    kernel_before: &BTreeMap<u32, (Netns, BTreeMap<String, u64>)>,
+    kernel_before: &BTreeMap<u32, (Netns, StatTable)>,
 ) -> Summary {
     let counters = end.counters.since(&start.counters);
     let drops = summary::drops_between(start, end, filter.netns);
@@ -229,8 +233,8 @@ fn summarize(
             continue;
         }
         let Some((_, before)) = kernel_before.get(inode) else { continue };
-        let delta: BTreeMap<String, u64> =
-            after.iter().map(|(k, v)| (k.clone(), v.wrapping_sub(before.get(k).copied().unwrap_or(0)))).collect();
+        // Per-CPU deltas: the kernel's counters are 32-bit and wrap.
+        let delta: BTreeMap<String, u64> = after.rise_since(before).iter().map(|(k, v)| (k.to_string(), v)).collect();
         let ours = summary::drops_between(start, end, Some(*inode));
         let interesting = ["drop", "insert_failed", "invalid", "early_drop"].iter().any(|k| delta.get(*k).is_some_and(|v| *v > 0));
         if interesting || !ours.is_empty() {
