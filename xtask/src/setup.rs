@@ -186,21 +186,20 @@ fn nightly_toolchain() -> Result<Nightly> {
             ),
             RUSTUP_TIMEOUT,
         );
-        if let Err(e) = added {
-            // Machines without access to the Rust distribution server can
-            // point CTGUARD_RUST_SRC_TARBALL at a rust-src tarball matching
-            // the nightly (its `rust-src/lib/rustlib/src` layout or
-            // `src/rust/library`, as `rustup` ships it).
-            let Some(tarball) = std::env::var_os(RUST_SRC_TARBALL_ENV) else {
-                return Err(e.context(format!(
-                    "could not add rust-src to the nightly toolchain (rustup downloads it from the Rust \
-                     distribution server); retry, or set {RUST_SRC_TARBALL_ENV} to a local rust-src tarball"
-                )));
+        if !core.is_dir() {
+            // Machines without access to the Rust distribution server (or
+            // where rustup's bookkeeping disagrees with the disk) can point
+            // CTGUARD_RUST_SRC_TARBALL at a rust-src tarball for this
+            // nightly, laid out as `src/rust/library/...`.
+            let why = match &added {
+                Err(e) => format!("rustup failed: {e:#}"),
+                Ok(()) => format!("rustup reported success but {} does not exist", core.display()),
             };
-            note(format!(
-                "rustup failed ({e:#}); unpacking {} into the sysroot instead",
-                PathBuf::from(&tarball).display()
-            ));
+            let Some(tarball) = std::env::var_os(RUST_SRC_TARBALL_ENV) else {
+                bail!("could not add rust-src to the nightly toolchain ({why}); retry, or set {RUST_SRC_TARBALL_ENV} to a local rust-src tarball");
+            };
+            let tarball = PathBuf::from(tarball);
+            note(format!("{why}; unpacking {} into the sysroot instead", tarball.display()));
             util::run(&mut cmd(
                 "tar",
                 [
@@ -210,13 +209,10 @@ fn nightly_toolchain() -> Result<Nightly> {
                     sysroot.join("lib/rustlib").as_os_str(),
                 ],
             ))
-            .with_context(|| format!("unpacking {} failed", PathBuf::from(&tarball).display()))?;
-        }
-        if !core.is_dir() {
-            bail!(
-                "rustup reported success but {} still does not exist",
-                core.display()
-            );
+            .with_context(|| format!("unpacking {} failed", tarball.display()))?;
+            if !core.is_dir() {
+                bail!("{} does not hold rust-src for this toolchain: {} still missing", tarball.display(), core.display());
+            }
         }
         note("rust-src added");
     }
