@@ -1,0 +1,200 @@
+//! The kernel sensors against real conntrack: real programs, real packets in
+//! network namespaces, ctguard's numbers against the kernel's own counters.
+//!
+//! Every test here needs root and fails (never skips) without it.
+use std::collections::{BTreeMap, HashSet};
+use std::net::IpAddr;
+
+use ctguard::{
+    flood::Proto,
+    sensors::{
+        KeyMode, SensorOptions, Sensors,
+        event::{self, DecodedEvent, EventKind},
+        snapshot::{Cause, Snapshot},
+    },
+    trace::format,
+};
+use ctguard_integration::{
+    lab::{Lab, Side},
+    max::MaxGuard,
+    root::require_root,
+};
+
+fn start(opts: SensorOptions) -> Sensors {
+    let sensors = Sensors::start(&opts).unwrap_or_else(|e| panic!("sensors failed to start: {e}"));
+    ctguard_integration::expect_backend(sensors.backend);
+    sensors
+}
+
+/// All events currently in the ring buffer.
+fn drain(ring: &mut aya::maps::RingBuf<aya::maps::MapData>) -> Vec<DecodedEvent> {
+    let mut out = Vec::new();
+    while let Some(item) = ring.next() {
+        out.push(event::decode(&item).expect("decodable event"));
+    }
+    out
+}
+
+fn delta(after: &BTreeMap<String, u64>, before: &BTreeMap<String, u64>, key: &str) -> u64 {
+    after.get(key).copied().unwrap_or(0) - before.get(key).copied().unwrap_or(0)
+}
+
+fn cause_delta(end: &Snapshot, start: &Snapshot, netns: u32, cause: Cause) -> u64 {
+    let get = |s: &Snapshot| s.drops_by_cause(Some(netns)).get(&cause).copied().unwrap_or(0);
+    get(end) - get(start)
+}
+
+#[test]
+fn table_full_drops_equal_the_kernel_drop_counter_and_name_sent_flows() {
+    require_root();
+    let lab = Lab::new("sens-full");
+    lab.enable_conntrack();
+    let ns = lab.netns_inode(Side::B);
+    let mut sensors = start(SensorOptions::default());
+    let mut ring = sensors.take_events().unwrap();
+    let _max = MaxGuard::lower(64);
+
+    let kernel0 = lab.kernel_stats();
+    let snap0 = sensors.snapshot().unwrap();
+    drain(&mut ring);
+    lab.send_udp_flows(400, &[5000, 5001]);
+    let kernel1 = lab.kernel_stats();
+    let snap1 = sensors.snapshot().unwrap();
+
+    let kernel_drops = delta(&kernel1, &kernel0, "drop");
+    let ours = cause_delta(&snap1, &snap0, ns, Cause::TableFull);
+    assert!(kernel_drops > 100, "the table should have overflowed: kernel drop +{kernel_drops}");
+    assert_eq!(ours, kernel_drops, "ctguard table_full must equal the kernel's drop counter delta");
+
+    let spec = lab.flow_spec(Proto::Udp, &[5000, 5001]);
+    let sent: HashSet<(IpAddr, u16, IpAddr, u16)> = spec
+        .flows()
+        .take(400)
+        .map(|f| (IpAddr::V4(*f.src.ip()), f.src.port(), IpAddr::V4(*f.dst.ip()), f.dst.port()))
+        .collect();
+    let events: Vec<DecodedEvent> =
+        drain(&mut ring).into_iter().filter(|e| e.netns == ns && e.cause == Some(Cause::TableFull)).collect();
+    assert_eq!(events.len() as u64, ours, "one event per drop (the ring buffer was large enough)");
+    for e in &events {
+        let f = &e.flow;
+        let tuple = (f.src.unwrap(), f.sport, f.dst.unwrap(), f.dport);
+        assert!(sent.contains(&tuple), "event flow {} was not sent", format::flow(f));
+        assert_eq!(f.proto, 17);
+        assert_eq!(e.ctinfo, None, "a refused packet carries no conntrack entry");
+    }
+    assert_eq!(snap1.counters.since(&snap0.counters).events_lost, 0);
+}
+
+#[test]
+fn ruleset_drops_are_ruleset_not_table_full() {
+    require_root();
+    let lab = Lab::new("sens-rule");
+    lab.enable_conntrack();
+    lab.add_nft_rule("udp dport 7777 drop");
+    let ns = lab.netns_inode(Side::B);
+    let mut sensors = start(SensorOptions::default());
+    let mut ring = sensors.take_events().unwrap();
+    let snap0 = sensors.snapshot().unwrap();
+    drain(&mut ring);
+
+    lab.send_udp_flows(50, &[7777]);
+    lab.send_udp_flows(30, &[7778]);
+    let snap1 = sensors.snapshot().unwrap();
+
+    assert_eq!(cause_delta(&snap1, &snap0, ns, Cause::Ruleset), 50);
+    assert_eq!(cause_delta(&snap1, &snap0, ns, Cause::TableFull), 0);
+    let events: Vec<DecodedEvent> = drain(&mut ring).into_iter().filter(|e| e.netns == ns).collect();
+    assert_eq!(events.len(), 50);
+    assert!(events.iter().all(|e| e.cause == Some(Cause::Ruleset) && e.flow.dport == 7777));
+    // nft's verdict frees the packet in nft_do_chain, with the new entry attached.
+    assert!(events.iter().all(|e| e.ctinfo == Some(2)), "ctinfo IP_CT_NEW expected");
+}
+
+#[test]
+fn invalid_packets_dropped_by_a_ct_state_rule_are_ct_invalid() {
+    require_root();
+    let lab = Lab::new("sens-inval");
+    lab.enable_conntrack();
+    lab.add_nft_rule("ct state invalid drop");
+    let ns = lab.netns_inode(Side::B);
+    let mut sensors = start(SensorOptions::default());
+    let mut ring = sensors.take_events().unwrap();
+    let kernel0 = lab.kernel_stats();
+    let snap0 = sensors.snapshot().unwrap();
+    drain(&mut ring);
+
+    // SYN+FIN is a flag combination conntrack's TCP tracker rejects.
+    lab.send_new_flows(Proto::TcpInvalidFlags, 40, &[8080]);
+    let kernel1 = lab.kernel_stats();
+    let snap1 = sensors.snapshot().unwrap();
+
+    assert_eq!(delta(&kernel1, &kernel0, "invalid"), 40, "the kernel saw 40 invalid packets");
+    assert_eq!(cause_delta(&snap1, &snap0, ns, Cause::CtInvalid), 40);
+    assert_eq!(cause_delta(&snap1, &snap0, ns, Cause::Ruleset), 0);
+    let events: Vec<DecodedEvent> = drain(&mut ring).into_iter().filter(|e| e.netns == ns).collect();
+    assert_eq!(events.len(), 40);
+    assert!(events.iter().all(|e| e.cause == Some(Cause::CtInvalid) && e.flow.proto == 6 && e.flow.dport == 8080));
+}
+
+#[test]
+fn churn_counts_every_new_entry_split_per_port_as_sent() {
+    require_root();
+    let lab = Lab::new("sens-churn");
+    lab.enable_conntrack();
+    let ns = lab.netns_inode(Side::B);
+    let mut sensors = start(SensorOptions { key_mode: KeyMode::DstPort, ..Default::default() });
+    let count0 = lab.conntrack_count();
+    let nft0 = lab.nft_new_counter();
+    let snap0 = sensors.snapshot().unwrap();
+
+    // 600 flows over 3 ports: 200 each (flow i goes to port i % 3).
+    lab.send_udp_flows(600, &[53, 123, 443]);
+    let snap1 = sensors.snapshot().unwrap();
+
+    let kernel_new = lab.nft_new_counter() - nft0;
+    let entries = lab.conntrack_count() - count0;
+    assert_eq!(kernel_new, 600, "the kernel's own ct state new counter");
+    assert_eq!(entries, 600, "the table grew by one entry per flow");
+    let per_port: BTreeMap<u16, u64> = snap1
+        .churn_in(Some(ns))
+        .iter()
+        .map(|(k, v)| {
+            let before = snap0.churn_in(Some(ns)).iter().find(|(k0, _)| k0 == k).map_or(0, |(_, v0)| v0.inserts);
+            (k.tuple.dport, v.inserts - before)
+        })
+        .filter(|(_, n)| *n > 0)
+        .collect();
+    assert_eq!(per_port, BTreeMap::from([(53, 200), (123, 200), (443, 200)]));
+    assert_eq!(snap1.inserts_in(Some(ns)) - snap0.inserts_in(Some(ns)), kernel_new);
+    // Every allocation was keyed.
+    let c = snap1.counters.since(&snap0.counters);
+    assert!(c.keyed_entries >= 600 && c.new_entries >= 600);
+}
+
+#[test]
+fn ring_buffer_overflow_is_counted_and_totals_stay_exact() {
+    require_root();
+    let lab = Lab::new("sens-ring");
+    lab.enable_conntrack();
+    let ns = lab.netns_inode(Side::B);
+    // 4 KiB holds a few dozen events; nothing reads it during the flood.
+    let mut sensors = start(SensorOptions { ring_bytes: 4096, ..Default::default() });
+    let mut ring = sensors.take_events().unwrap();
+    let _max = MaxGuard::lower(32);
+    let kernel0 = lab.kernel_stats();
+    let snap0 = sensors.snapshot().unwrap();
+    drain(&mut ring);
+
+    lab.send_udp_flows(500, &[9000]);
+    let kernel1 = lab.kernel_stats();
+    let snap1 = sensors.snapshot().unwrap();
+
+    let kernel_drops = delta(&kernel1, &kernel0, "drop");
+    let ours = cause_delta(&snap1, &snap0, ns, Cause::TableFull);
+    assert!(kernel_drops > 300, "kernel drop +{kernel_drops}");
+    assert_eq!(ours, kernel_drops, "map totals do not depend on event delivery");
+    let lost = snap1.counters.since(&snap0.counters).events_lost;
+    let delivered = drain(&mut ring).iter().filter(|e| e.kind == EventKind::Drop).count() as u64;
+    assert!(lost > 0, "a 4 KiB ring cannot hold {kernel_drops} events");
+    assert_eq!(delivered + lost, snap1.counters.since(&snap0.counters).netfilter_drops, "every drop is either delivered or counted lost");
+}

@@ -1,0 +1,45 @@
+//! The seed symptom: with nf_conntrack_max low, new flows beyond it are
+//! dropped by conntrack ("nf_conntrack: table full, dropping packet").
+use ctguard_integration::{Lab, MaxGuard, max};
+
+const MAX: u64 = 64;
+const FLOWS: u64 = 400;
+
+#[test]
+fn new_flows_beyond_nf_conntrack_max_are_dropped() {
+    let lab = Lab::new("table_full");
+    lab.enable_conntrack();
+    let before = lab.kernel_stats();
+    let original_max;
+    let (report, after, count, new_flows);
+    {
+        let guard = MaxGuard::lower(MAX);
+        original_max = guard.original();
+        assert_eq!(max::read_max(), MAX);
+        report = lab.send_udp_flows(FLOWS, &[53, 80, 443]);
+        after = lab.kernel_stats();
+        count = lab.conntrack_count();
+        new_flows = lab.nft_new_counter();
+    } // nf_conntrack_max restored here, before any assertion can fail
+    assert_eq!(max::read_max(), original_max, "nf_conntrack_max was not restored");
+
+    let delta = |k: &str| after[k] - before[k];
+    eprintln!(
+        "{lab}: sent {} in {:?}; new={new_flows} count={count} drop={} early_drop={} insert_failed={} invalid={}",
+        report.sent,
+        report.elapsed,
+        delta("drop"),
+        delta("early_drop"),
+        delta("insert_failed"),
+        delta("invalid")
+    );
+    assert_eq!(report.sent, FLOWS);
+    assert!(delta("drop") > 0, "conntrack's drop counter did not rise: {after:?}");
+    assert!(count <= MAX, "{count} entries in the receiver, more than nf_conntrack_max={MAX}");
+    assert!(new_flows >= MAX, "only {new_flows} flows were tracked, expected at least {MAX}");
+    // Every flow either got an entry (and passed the ct-state-new rule, which
+    // runs after conntrack) or was dropped when its entry could not be
+    // allocated; nothing else touches the receiver.
+    assert_eq!(new_flows + delta("drop"), FLOWS, "tracked ({new_flows}) + dropped ({}) != flows sent", delta("drop"));
+    assert_eq!(delta("invalid"), 0, "packets were invalid: {after:?}");
+}
