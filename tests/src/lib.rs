@@ -30,6 +30,7 @@
 //! } // restored here
 //! assert!(lab.kernel_stats()["drop"] > before["drop"]);
 //! ```
+pub mod bin;
 pub mod cmd;
 pub mod lab;
 pub mod lock;

@@ -43,3 +43,41 @@ fn new_flows_beyond_nf_conntrack_max_are_dropped() {
     assert_eq!(new_flows + delta("drop"), FLOWS, "tracked ({new_flows}) + dropped ({}) != flows sent", delta("drop"));
     assert_eq!(delta("invalid"), 0, "packets were invalid: {after:?}");
 }
+
+/// Issue 2's proof of the harness: the seed's symptom, seen through
+/// `ctguard status --json`, with the kernel's numbers.
+#[test]
+fn status_json_reports_the_full_table_and_its_drops() {
+    use ctguard_integration::{bin::ctguard, lab::Side};
+    let lab = Lab::new("status_full");
+    lab.enable_conntrack();
+    let name = lab.name(Side::B).to_string();
+    let status = |args: &[&str]| {
+        let out = ctguard(args);
+        let doc: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("status --json is not JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)));
+        (out.status.code(), doc)
+    };
+    let (code, doc, kernel, count) = {
+        let _max = MaxGuard::lower(MAX);
+        lab.send_udp_flows(FLOWS, &[53]);
+        let kernel = lab.kernel_stats();
+        let count = lab.conntrack_count();
+        let (code, doc) = status(&["status", "--netns", &name, "--json", "--interval", "0"]);
+        (code, doc, kernel, count)
+    };
+    let ns = &doc["namespaces"][0];
+    assert_eq!(ns["name"], name.as_str());
+    assert_eq!(ns["entries"], count);
+    assert_eq!(ns["max"], MAX);
+    assert_eq!(ns["fill_percent"], 100.0);
+    assert_eq!(ns["counters"]["drop"], kernel["drop"]);
+    assert!(kernel["drop"] > 0);
+    assert_eq!(doc["health"], "warning", "a full table is a warning: {doc}");
+    assert_eq!(code, Some(1), "exit code 1 = warning");
+
+    // With the limit back to normal the same table is healthy.
+    let (code, doc) = status(&["status", "--netns", &name, "--json", "--interval", "0"]);
+    assert_eq!(doc["namespaces"][0]["max"], max::read_max());
+    assert_eq!(code, Some(0), "{doc}");
+}

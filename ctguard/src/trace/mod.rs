@@ -56,9 +56,12 @@ pub fn run(args: &TraceArgs) -> anyhow::Result<ExitCode> {
     let mono_start = monotonic_ns();
     let mut ring = sensors.take_events()?;
     while ring.next().is_some() {}
-    if !args.json {
-        eprintln!("ctguard: tracing netfilter drops{} (Ctrl-C to stop)", if args.new { " and new entries" } else { "" });
-    }
+    // On stderr in every mode: scripts wait for this line before loading.
+    eprintln!(
+        "ctguard: tracing netfilter drops{} with the {:?} backend (Ctrl-C to stop)",
+        if args.new { " and new entries" } else { "" },
+        sensors.backend
+    );
     let stream = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?

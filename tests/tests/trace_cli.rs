@@ -1,0 +1,66 @@
+//! `ctguard trace` as a user runs it: a flood fills a small table while
+//! trace streams JSON lines; the drops are attributed and the summary agrees
+//! with the kernel's own counter.
+use std::{
+    io::{BufRead, BufReader},
+    process::{Command, Stdio},
+};
+
+use ctguard_integration::{Lab, MaxGuard, bin::ctguard_bin, lab::Side};
+
+#[test]
+fn trace_json_shows_table_full_drops_during_a_flood() {
+    let lab = Lab::new("trace_cli");
+    lab.enable_conntrack();
+    lab.add_nft_rule("udp dport 9999 drop");
+    let inode = lab.netns_inode(Side::B).to_string();
+    let mut child = Command::new(ctguard_bin())
+        .args(["trace", "--json", "--netns", &inode, "--duration", "8"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start ctguard trace");
+    // Wait until the sensors are attached.
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    stderr.read_line(&mut line).unwrap();
+    assert!(line.contains("tracing"), "unexpected first stderr line: {line}");
+
+    let before = lab.kernel_stats();
+    {
+        let _max = MaxGuard::lower(50);
+        lab.send_udp_flows(300, &[5353]);
+    }
+    lab.send_udp_flows(20, &[9999]);
+    let after = lab.kernel_stats();
+    let out = child.wait_with_output().expect("trace exits after --duration");
+    assert!(out.status.success(), "trace failed: {}", String::from_utf8_lossy(&out.stderr));
+
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON line ({e}): {l}")))
+        .collect();
+    let (summary, events) = lines.split_last().expect("at least the summary");
+    assert_eq!(summary["summary"], true);
+    let kernel_drops = after["drop"] - before["drop"];
+    assert!(kernel_drops > 100);
+    let table_full = events.iter().filter(|e| e["cause"] == "table_full").count() as u64;
+    let ruleset = events.iter().filter(|e| e["cause"] == "ruleset").count() as u64;
+    assert_eq!(table_full, kernel_drops, "one table_full event per kernel drop");
+    assert_eq!(ruleset, 20);
+    for e in events.iter().filter(|e| e["cause"] == "table_full") {
+        assert_eq!(e["flow"]["dport"], 5353);
+        assert_eq!(e["netns"].as_u64(), Some(inode.parse().unwrap()));
+        assert!(e["location_symbol"].as_str().unwrap_or("").starts_with("nf_hook_slow"), "{e}");
+    }
+    for e in events.iter().filter(|e| e["cause"] == "ruleset") {
+        assert_eq!(e["flow"]["dport"], 9999);
+        assert!(e["location_symbol"].as_str().unwrap_or("").starts_with("nft_do_chain"), "{e}");
+    }
+    assert_eq!(summary["drops"]["table_full"], kernel_drops);
+    assert_eq!(summary["drops"]["ruleset"], 20);
+    assert_eq!(summary["events_lost"], 0);
+    let rec = summary["reconciliation"].as_array().unwrap().iter().find(|r| r["netns"].to_string() == inode).expect("row");
+    assert_eq!(rec["kernel_drop"], kernel_drops);
+    assert_eq!(rec["exact"], true, "{rec}");
+}
