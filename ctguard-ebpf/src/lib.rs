@@ -142,6 +142,22 @@ pub struct Event {
     pub tuple: FlowTuple,
 }
 
+/// Most bytes of a dropped packet a capture can carry.
+pub const MAX_CAPTURE: usize = 256;
+
+/// A drop event followed by the first bytes of the packet (from its network
+/// header), sent instead of a bare [`Event`] when a capture asks for bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct PacketEvent {
+    pub event: Event,
+    /// Length of the packet from its network header (`skb->len` at the drop).
+    pub wire_len: u32,
+    /// Bytes of `data` that hold packet bytes.
+    pub cap_len: u32,
+    pub data: [u8; MAX_CAPTURE],
+}
+
 /// Value the kernel writes for `Event::ctinfo` when `skb->_nfct` is 0.
 pub const CTINFO_NONE: u8 = 0xff;
 
@@ -153,4 +169,5 @@ mod pod {
     unsafe impl aya::Pod for super::ChurnValue {}
     unsafe impl aya::Pod for super::DropKey {}
     unsafe impl aya::Pod for super::Event {}
+    unsafe impl aya::Pod for super::PacketEvent {}
 }

@@ -29,8 +29,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::info;
 use ctguard_ebpf::{
-    ChurnKey, ChurnValue, DropKey, Event, FlowTuple, CTINFO_NONE, cause, confidence, counter,
-    event_kind, key_mode,
+    ChurnKey, ChurnValue, DropKey, Event, FlowTuple, MAX_CAPTURE, PacketEvent, CTINFO_NONE, cause,
+    confidence, counter, event_kind, key_mode,
 };
 
 // ---------------------------------------------------------------------------
@@ -48,7 +48,7 @@ globals! {
     NF_DROP_REASON: u32,
     // struct sk_buff
     OFF_SKB_NFCT: u32, OFF_SKB_DEV: u32, OFF_SKB_SK: u32, OFF_SKB_HEAD: u32,
-    OFF_SKB_NETWORK_HEADER: u32,
+    OFF_SKB_NETWORK_HEADER: u32, OFF_SKB_LEN: u32, OFF_SKB_DATA: u32,
     // struct net_device
     OFF_DEV_IFINDEX: u32, OFF_DEV_NET: u32,
     // struct sock (sk->__sk_common.skc_net)
@@ -72,6 +72,8 @@ globals! {
     // key_mode::* and whether new entries also go out as events.
     KEY_MODE: u8,
     EMIT_NEW_EVENTS: u8,
+    // Bytes of each dropped packet to send with its event (0: none).
+    CAPTURE_BYTES: u32,
 }
 
 /// Reads a global the loader set. The volatile read keeps the compiler from
@@ -91,7 +93,7 @@ static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
 
 /// Per-CPU space to assemble a drop event in (see on_netfilter_drop).
 #[map]
-static SCRATCH: PerCpuArray<Event> = PerCpuArray::with_max_entries(1, 0);
+static SCRATCH: PerCpuArray<PacketEvent> = PerCpuArray::with_max_entries(1, 0);
 
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
@@ -208,8 +210,9 @@ fn on_netfilter_drop(skb: u64, location: u64) {
 
     // The event is assembled in per-CPU map memory: the BPF stack (512 bytes)
     // cannot hold it next to the map keys.
-    let Some(ev) = SCRATCH.get_ptr_mut(0) else { return };
-    let ev = unsafe { &mut *ev };
+    let Some(pe) = SCRATCH.get_ptr_mut(0) else { return };
+    let pe = unsafe { &mut *pe };
+    let ev = &mut pe.event;
     ev.ts_ns = unsafe { bpf_ktime_get_ns() };
     ev.location = location;
     ev.netns = netns;
@@ -234,8 +237,40 @@ fn on_netfilter_drop(skb: u64, location: u64) {
         // have had, so `top` can show drops per port / address.
         add_churn(&reduce_key(netns, 0, &ev.tuple), &ONE_DROP);
     }
-    if EVENTS.output::<Event>(&*ev, 0).is_err() {
+    let sent = if g(&CAPTURE_BYTES) == 0 {
+        EVENTS.output::<Event>(&pe.event, 0)
+    } else {
+        capture_packet(skb, pe);
+        EVENTS.output::<PacketEvent>(&*pe, 0)
+    };
+    if sent.is_err() {
         bump(counter::RINGBUF_LOST);
+    }
+}
+
+/// Copies the first CAPTURE_BYTES of the packet, from its network header,
+/// never past its end.
+#[inline(always)]
+fn capture_packet(skb: u64, pe: &mut PacketEvent) {
+    let head: u64 = read(skb, g(&OFF_SKB_HEAD));
+    let data: u64 = read(skb, g(&OFF_SKB_DATA));
+    let nh: u16 = read(skb, g(&OFF_SKB_NETWORK_HEADER));
+    let len: u32 = read(skb, g(&OFF_SKB_LEN));
+    let ip = head + nh as u64;
+    // skb->len counts from skb->data, which may sit before or after the
+    // network header depending on the hook.
+    let wire = (data + len as u64).saturating_sub(ip) as u32;
+    pe.wire_len = wire;
+    let mut n = g(&CAPTURE_BYTES).min(wire) as usize;
+    if n > MAX_CAPTURE {
+        n = MAX_CAPTURE;
+    }
+    pe.cap_len = 0;
+    if head == 0 || n == 0 {
+        return;
+    }
+    if unsafe { aya_ebpf::helpers::bpf_probe_read_kernel_buf(ip as *const u8, &mut pe.data[..n]) }.is_ok() {
+        pe.cap_len = n as u32;
     }
 }
 

@@ -198,3 +198,28 @@ fn ring_buffer_overflow_is_counted_and_totals_stay_exact() {
     assert!(lost > 0, "a 4 KiB ring cannot hold {kernel_drops} events");
     assert_eq!(delivered + lost, snap1.counters.since(&snap0.counters).netfilter_drops, "every drop is either delivered or counted lost");
 }
+
+#[test]
+fn captured_drop_events_carry_the_packet_headers() {
+    require_root();
+    let lab = Lab::new("sens-capture");
+    lab.enable_conntrack();
+    lab.add_nft_rule("udp dport 4444 drop");
+    let ns = lab.netns_inode(Side::B);
+    let mut sensors = start(SensorOptions { capture_bytes: 64, ..Default::default() });
+    let mut ring = sensors.take_events().unwrap();
+    drain(&mut ring);
+    lab.send_udp_flows(10, &[4444]);
+    sensors.snapshot().unwrap();
+    let events: Vec<DecodedEvent> = drain(&mut ring).into_iter().filter(|e| e.netns == ns).collect();
+    assert_eq!(events.len(), 10);
+    for e in events {
+        let p = e.packet.expect("captured bytes");
+        // IPv4 header + 8 byte UDP header + 8 byte payload from the flood.
+        assert_eq!(p.wire_len, 36);
+        assert_eq!(p.data.len(), 36, "never past the end of the packet");
+        assert_eq!(p.data[0], 0x45);
+        assert_eq!(p.data[9], 17);
+        assert_eq!(u16::from_be_bytes([p.data[22], p.data[23]]), 4444);
+    }
+}

@@ -2,7 +2,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use bytes::Buf;
-use ctguard_ebpf::{CTINFO_NONE, Event, FlowTuple, event_kind};
+use ctguard_ebpf::{CTINFO_NONE, Event, FlowTuple, MAX_CAPTURE, event_kind};
 use serde::Serialize;
 
 use super::snapshot::{Cause, Confidence};
@@ -69,6 +69,17 @@ pub struct DecodedEvent {
     pub ct_status: u32,
     pub zone: u16,
     pub flow: Flow,
+    /// The packet's first bytes (from its network header), when the sensors
+    /// were started with `capture_bytes`.
+    #[serde(skip)]
+    pub packet: Option<CapturedPacket>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CapturedPacket {
+    /// Length of the whole packet from its network header.
+    pub wire_len: u32,
+    pub data: Vec<u8>,
 }
 
 /// Decodes one record. The layout is `ctguard_ebpf::Event` (little-endian
@@ -99,6 +110,13 @@ pub fn decode(mut buf: &[u8]) -> Result<DecodedEvent, CtguardError> {
     t.dport = buf.get_u16_le();
     t.ip_version = buf.get_u8();
     t.proto = buf.get_u8();
+    buf.advance(2);
+    // A PacketEvent: the Event, then wire_len, cap_len and the bytes.
+    let packet = (buf.len() >= 8 + MAX_CAPTURE).then(|| {
+        let wire_len = buf.get_u32_le();
+        let cap_len = (buf.get_u32_le() as usize).min(MAX_CAPTURE);
+        CapturedPacket { wire_len, data: buf[..cap_len].to_vec() }
+    });
     let is_drop = kind == event_kind::DROP;
     Ok(DecodedEvent {
         kind: if is_drop { EventKind::Drop } else { EventKind::NewEntry },
@@ -113,6 +131,7 @@ pub fn decode(mut buf: &[u8]) -> Result<DecodedEvent, CtguardError> {
         ct_status,
         zone,
         flow: Flow::from_kernel(&t),
+        packet,
     })
 }
 
@@ -167,6 +186,19 @@ mod tests {
         assert_eq!(d.cause, None);
         assert_eq!(d.ctinfo, Some(2));
         assert_eq!(d.flow.dst, Some("fd00::2".parse().unwrap()));
+    }
+
+    #[test]
+    fn decodes_captured_packet_bytes() {
+        use ctguard_ebpf::PacketEvent;
+        let mut pe = PacketEvent { event: Event { kind: event_kind::DROP, ..Default::default() }, wire_len: 60, cap_len: 3, data: [0; MAX_CAPTURE] };
+        pe.data[..3].copy_from_slice(&[0x45, 0, 0x3c]);
+        // SAFETY: PacketEvent is repr(C) plain data.
+        let raw = unsafe { std::slice::from_raw_parts((&pe as *const PacketEvent).cast::<u8>(), size_of::<PacketEvent>()) };
+        let d = decode(raw).unwrap();
+        assert_eq!(d.packet, Some(CapturedPacket { wire_len: 60, data: vec![0x45, 0, 0x3c] }));
+        let plain = decode(&raw[..size_of::<Event>()]).unwrap();
+        assert_eq!(plain.packet, None);
     }
 
     #[test]

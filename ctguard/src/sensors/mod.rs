@@ -77,6 +77,9 @@ pub struct SensorOptions {
     pub ring_bytes: u32,
     /// Which hooks to use (`--backend`).
     pub backend: BackendRequest,
+    /// Bytes of each dropped packet (from its network header) sent with its
+    /// event, at most ctguard_ebpf::MAX_CAPTURE; 0 sends none.
+    pub capture_bytes: u32,
 }
 
 impl Default for SensorOptions {
@@ -87,6 +90,7 @@ impl Default for SensorOptions {
             max_keys: 16384,
             ring_bytes: 1 << 20,
             backend: BackendRequest::Auto,
+            capture_bytes: 0,
         }
     }
 }
@@ -139,6 +143,8 @@ impl Sensors {
         }
         loader.override_global("KEY_MODE", &key_mode, true);
         loader.override_global("EMIT_NEW_EVENTS", &emit, true);
+        let capture_bytes = opts.capture_bytes.min(ctguard_ebpf::MAX_CAPTURE as u32);
+        loader.override_global("CAPTURE_BYTES", &capture_bytes, true);
         loader.map_max_entries("CHURN", opts.max_keys.max(16));
         loader.map_max_entries("EVENTS", opts.ring_bytes);
         let mut ebpf = loader.load(object_bytes()).map_err(|e| {

@@ -66,6 +66,7 @@ mod tests {
             ct_status: 0,
             zone: 0,
             flow: Flow { proto: 17, src: Some(src.parse().unwrap()), dst: Some(dst.parse().unwrap()), sport, dport },
+            packet: None,
         }
     }
 

@@ -92,6 +92,7 @@ mod tests {
             ct_status: 0,
             zone: 0,
             flow: Flow { proto: 17, src: Some("10.0.0.1".parse().unwrap()), dst: Some("10.0.0.2".parse().unwrap()), sport: 40000, dport: 5000 },
+            packet: None,
         };
         let line = event_line(&ev, 1.5, Some("nf_hook_slow+0x7d"));
         assert!(line.contains("DROP table_full (likely)"), "{line}");
