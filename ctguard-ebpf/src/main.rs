@@ -72,6 +72,8 @@ globals! {
     // key_mode::* and whether new entries also go out as events.
     KEY_MODE: u8,
     EMIT_NEW_EVENTS: u8,
+    // 0 when nobody reads drop events (top, lab): only the maps count them.
+    EMIT_DROP_EVENTS: u8,
     // Bytes of each dropped packet to send with its event (0: none).
     CAPTURE_BYTES: u32,
 }
@@ -236,6 +238,9 @@ fn on_netfilter_drop(skb: u64, location: u64) {
         // Conntrack's own drops also count against the flow key they would
         // have had, so `top` can show drops per port / address.
         add_churn(&reduce_key(netns, 0, &ev.tuple), &ONE_DROP);
+    }
+    if g(&EMIT_DROP_EVENTS) == 0 {
+        return;
     }
     let sent = if g(&CAPTURE_BYTES) == 0 {
         EVENTS.output::<Event>(&pe.event, 0)

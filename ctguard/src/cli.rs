@@ -39,6 +39,8 @@ pub enum Command {
     Rollback(crate::recommend::RollbackArgs),
     /// NOTRACK-equivalent nftables rules in a ctguard-owned table: add, list, remove, suggest.
     Bypass(crate::bypass::BypassArgs),
+    /// Self-contained demo in throw-away namespaces (and `lab flood`, the load generator).
+    Lab(crate::lab::LabArgs),
 }
 
 #[derive(Debug, Args)]

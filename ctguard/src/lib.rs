@@ -9,6 +9,7 @@ pub mod doctor;
 pub mod error;
 pub mod flood;
 pub mod kernel;
+pub mod lab;
 pub mod netns;
 pub mod recommend;
 pub mod sensors;

@@ -16,6 +16,7 @@ fn main() -> ExitCode {
         Command::Recommend(args) => ctguard::recommend::run(args),
         Command::Rollback(args) => ctguard::recommend::rollback(args),
         Command::Bypass(args) => ctguard::bypass::run(args),
+        Command::Lab(args) => ctguard::lab::run(args),
     };
     match result {
         Ok(code) => code,

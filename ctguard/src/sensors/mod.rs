@@ -71,6 +71,9 @@ pub struct SensorOptions {
     pub key_mode: KeyMode,
     /// Also send every new entry over the ring buffer (`trace --new`).
     pub emit_new_events: bool,
+    /// Send drop events over the ring buffer. Off for views that only read
+    /// the maps (`top`, `lab`), so no event is produced only to be lost.
+    pub emit_drop_events: bool,
     /// Distinct churn keys kept in the kernel before folding into "other".
     pub max_keys: u32,
     /// Ring buffer size in bytes (a power of two, multiple of the page size).
@@ -87,6 +90,7 @@ impl Default for SensorOptions {
         Self {
             key_mode: KeyMode::DstPort,
             emit_new_events: false,
+            emit_drop_events: true,
             max_keys: 16384,
             ring_bytes: 1 << 20,
             backend: BackendRequest::Auto,
@@ -143,6 +147,8 @@ impl Sensors {
         }
         loader.override_global("KEY_MODE", &key_mode, true);
         loader.override_global("EMIT_NEW_EVENTS", &emit, true);
+        let emit_drops = u8::from(opts.emit_drop_events);
+        loader.override_global("EMIT_DROP_EVENTS", &emit_drops, true);
         let capture_bytes = opts.capture_bytes.min(ctguard_ebpf::MAX_CAPTURE as u32);
         loader.override_global("CAPTURE_BYTES", &capture_bytes, true);
         loader.map_max_entries("CHURN", opts.max_keys.max(16));

@@ -13,14 +13,22 @@ use crate::{
     sensors::{KeyMode, SensorOptions},
 };
 
-/// One JSON document per interval.
+/// One JSON document per interval (schema `ctguard.top.v1`).
 #[derive(Serialize)]
-struct Document<'a> {
+pub struct Document<'a> {
     schema: &'static str,
     time_unix_ms: u128,
     key_mode: KeyMode,
     #[serde(flatten)]
     frame: &'a Frame,
+}
+
+impl<'a> Document<'a> {
+    pub fn new(frame: &'a Frame, key_mode: KeyMode) -> Self {
+        let time_unix_ms =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis());
+        Document { schema: "ctguard.top.v1", time_unix_ms, key_mode, frame }
+    }
 }
 
 pub fn run(args: &TopArgs, opts: &SensorOptions, filter: &KeyFilter) -> anyhow::Result<ExitCode> {
@@ -36,13 +44,7 @@ pub fn run(args: &TopArgs, opts: &SensorOptions, filter: &KeyFilter) -> anyhow::
         let cur = sampler.sample()?;
         let frame = model::frame(&prev, &cur, &FrameOptions { mode: args.by, sort: args.sort, top: args.top, filter });
         if args.json {
-            let doc = Document {
-                schema: "ctguard.top.v1",
-                time_unix_ms: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis(),
-                key_mode: args.by,
-                frame: &frame,
-            };
-            writeln!(out, "{}", serde_json::to_string(&doc)?)?;
+            writeln!(out, "{}", serde_json::to_string(&Document::new(&frame, args.by))?)?;
         } else {
             write!(out, "{}", render::text(&frame, args.by))?;
         }

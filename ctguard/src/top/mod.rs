@@ -2,10 +2,10 @@
 //!
 //! The sampler reads the kernel, `model` turns two samples into a frame (pure),
 //! and either `batch` prints frames or `tui` draws them.
-mod batch;
+pub mod batch;
 pub mod model;
-mod render;
-mod sampler;
+pub mod render;
+pub mod sampler;
 mod tui;
 
 use std::process::ExitCode;
@@ -24,7 +24,14 @@ pub fn run(args: &TopArgs) -> anyhow::Result<ExitCode> {
         return Err(CtguardError::usage("--interval must be greater than 0", "e.g. --interval 1s").into());
     }
     let filter = key_filter(args)?;
-    let opts = SensorOptions { key_mode: args.by, max_keys: args.max_keys, backend: args.backend, ..Default::default() };
+    // top reads only the maps: no drop events are produced (none can be lost).
+    let opts = SensorOptions {
+        key_mode: args.by,
+        max_keys: args.max_keys,
+        backend: args.backend,
+        emit_drop_events: false,
+        ..Default::default()
+    };
     if args.once || args.json || args.count.is_some() {
         batch::run(args, &opts, &filter)
     } else {
