@@ -8,6 +8,7 @@
 pub mod backend;
 pub mod event;
 pub mod layout;
+pub mod prog_stats;
 pub mod snapshot;
 
 use aya::{
@@ -246,6 +247,23 @@ impl Sensors {
             drops.push((key, per_cpu.iter().sum()));
         }
         Ok(Snapshot::new(std::time::Instant::now(), totals, keys, drops))
+    }
+
+    /// Statistics of every attached program (see [`prog_stats`]).
+    pub fn program_stats(&self) -> Vec<prog_stats::ProgramStats> {
+        let mut out = Vec::new();
+        for (name, prog) in self.ebpf.programs() {
+            // Attached programs are the loaded ones; probes and the rest have no fd.
+            let Ok(fd) = prog.fd() else { continue };
+            if name.starts_with("probe_") {
+                continue;
+            }
+            if let Ok(s) = prog_stats::read(name, fd) {
+                out.push(s);
+            }
+        }
+        out.sort_by(|a, b| a.program.cmp(&b.program));
+        out
     }
 
     /// Takes the ring buffer for event streaming (`trace`).

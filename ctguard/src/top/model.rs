@@ -6,7 +6,7 @@ use ctguard_ebpf::{ChurnKey, ChurnValue};
 use serde::Serialize;
 
 use crate::{
-    sensors::{KeyMode, event::Flow, snapshot::{Cause, Snapshot}},
+    sensors::{KeyMode, event::Flow, prog_stats::ProgramStats, snapshot::{Cause, Snapshot}},
     trace::format,
     util::Cidr,
 };
@@ -30,6 +30,20 @@ pub struct Sample {
     pub at_s: f64,
     pub snapshot: Snapshot,
     pub tables: Vec<TableGauge>,
+    /// Kernel statistics of ctguard's own programs.
+    pub programs: Vec<ProgramStats>,
+}
+
+/// What one of ctguard's kernel programs cost over the interval.
+#[derive(Clone, Debug, Serialize)]
+pub struct ProgramCost {
+    pub program: String,
+    pub runs_per_s: f64,
+    /// Average ns per run (only while kernel.bpf_stats_enabled=1).
+    pub ns_per_run: Option<f64>,
+    /// Runs the kernel skipped since start because the program was already
+    /// running on that CPU: events ctguard could not count.
+    pub recursion_misses: u64,
 }
 
 /// Delta of a monotonically increasing counter. A decrease means the
@@ -159,6 +173,8 @@ pub struct Frame {
     pub events_lost: u64,
     /// Keys folded into "other" since start because the kernel map was full.
     pub key_overflow: u64,
+    /// ctguard's own kernel programs: rate, cost, misses.
+    pub programs: Vec<ProgramCost>,
 }
 
 /// Identity of a key for matching across samples.
@@ -253,7 +269,24 @@ pub fn frame(prev: &Sample, cur: &Sample, opts: &FrameOptions<'_>) -> Frame {
         keys_hidden,
         events_lost: c1.counters.events_lost,
         key_overflow: c1.counters.key_overflow,
+        programs: program_costs(&prev.programs, &cur.programs, dt),
     }
+}
+
+fn program_costs(prev: &[ProgramStats], cur: &[ProgramStats], dt: f64) -> Vec<ProgramCost> {
+    cur.iter()
+        .map(|c| {
+            let p = prev.iter().find(|p| p.program == c.program).cloned().unwrap_or_default();
+            let runs = counter_delta(p.run_count, c.run_count);
+            let time = counter_delta(p.run_time_ns, c.run_time_ns);
+            ProgramCost {
+                program: c.program.clone(),
+                runs_per_s: runs as f64 / dt,
+                ns_per_run: (runs > 0).then(|| time as f64 / runs as f64),
+                recursion_misses: c.recursion_misses,
+            }
+        })
+        .collect()
 }
 
 fn table_view(prev: Option<&TableGauge>, cur: &TableGauge, dt: f64) -> TableView {
@@ -330,7 +363,12 @@ mod tests {
     }
 
     fn sample(at_s: f64, snapshot: Snapshot, entries: u64) -> Sample {
-        Sample { at_s, snapshot, tables: vec![TableGauge { netns: 1, label: "b".into(), entries, max: 1000, buckets: 1024, early_drop: entries / 100 }] }
+        Sample {
+            at_s,
+            snapshot,
+            tables: vec![TableGauge { netns: 1, label: "b".into(), entries, max: 1000, buckets: 1024, early_drop: entries / 100 }],
+            programs: vec![ProgramStats { program: "ctg_ct_alloc".into(), run_count: entries * 10, run_time_ns: entries * 1000, recursion_misses: 0 }],
+        }
     }
 
     fn opts(filter: &KeyFilter) -> FrameOptions<'_> {
@@ -350,6 +388,8 @@ mod tests {
         assert_eq!(f.keys[0].drops_per_s, 5.0);
         assert_eq!(f.keys[1].inserts_per_s, 50.0);
         assert_eq!(f.rates.early_drop_per_s, 1.0, "early_drop 1 -> 3 over 2 s");
+        assert_eq!(f.programs[0].runs_per_s, 1000.0, "1000 -> 3000 runs over 2 s");
+        assert_eq!(f.programs[0].ns_per_run, Some(100.0));
         let t = &f.tables[0];
         assert_eq!(t.trend, Trend::Rising);
         assert_eq!(t.growth_per_s, 100.0);

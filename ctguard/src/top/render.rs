@@ -38,6 +38,10 @@ pub fn text(f: &Frame, mode: KeyMode) -> String {
         f.interval_s, f.rates.new_per_s, f.rates.removed_per_s, f.rates.early_drop_per_s, f.events_lost, f.key_overflow
     );
     let _ = writeln!(out, "drops/s  {}", drops_line(f));
+    let misses: u64 = f.programs.iter().map(|p| p.recursion_misses).sum();
+    if misses > 0 {
+        let _ = writeln!(out, "kernel skipped ctguard's programs {misses} times (recursion): those events are not counted");
+    }
     for t in &f.tables {
         let _ = writeln!(
             out,

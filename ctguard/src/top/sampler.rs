@@ -59,6 +59,6 @@ impl Sampler {
                 });
             }
         }
-        Ok(Sample { at_s, snapshot, tables })
+        Ok(Sample { at_s, snapshot, tables, programs: self.sensors.program_stats() })
     }
 }

@@ -67,7 +67,8 @@ pub fn run(args: &TraceArgs) -> anyhow::Result<ExitCode> {
         .build()?
         .block_on(stream_events(&sensors, ring, &filter, args, &syms, mono_start, &mut out))?;
     let end = sensors.snapshot()?;
-    let summary = summarize(&start, &end, &stream, &filter, args, &kernel_before);
+    let mut summary = summarize(&start, &end, &stream, &filter, args, &kernel_before);
+    summary.kernel_program_misses = sensors.program_stats().iter().map(|p| p.recursion_misses).sum();
     if args.json {
         writeln!(out, "{}", serde_json::to_string(&summary)?)?;
         out.flush()?;
@@ -250,6 +251,7 @@ fn summarize(
         events_shown: stream.shown,
         events_read: stream.read,
         events_lost: counters.events_lost,
+        kernel_program_misses: 0,
         counters,
         drops,
         reconciliation,

@@ -20,6 +20,9 @@ pub struct Summary {
     pub events_read: u64,
     /// Events the ring buffer had no room for (counted in the kernel).
     pub events_lost: u64,
+    /// Runs of ctguard's kernel programs the kernel skipped (recursion):
+    /// events nobody counted. Zero in a healthy run.
+    pub kernel_program_misses: u64,
     /// Counters over the run, all namespaces.
     pub counters: Counters,
     /// Drops per cause over the run (only the --netns namespace if given), from the kernel maps.
@@ -121,6 +124,9 @@ pub fn text(s: &Summary) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "--- ctguard trace summary ({:.1}s) ---", s.duration_s);
     let _ = writeln!(out, "events shown {}, read {}, lost by the ring buffer {}", s.events_shown, s.events_read, s.events_lost);
+    if s.kernel_program_misses > 0 {
+        let _ = writeln!(out, "the kernel skipped ctguard's programs {} times (recursion): those are not counted", s.kernel_program_misses);
+    }
     let _ = writeln!(
         out,
         "new entries {}, removed {}, netfilter drops {}",
