@@ -25,22 +25,24 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// What this kernel allows: BTF, lockdown, which hook kinds load, which sensor backend ctguard uses.
+    #[command(about = "What this kernel allows: BTF, lockdown, which hook kinds load, which sensor backend ctguard uses.")]
     Doctor(DoctorArgs),
-    /// Conntrack table occupancy, counters, timeouts and memory per network namespace.
+    #[command(about = "Conntrack table occupancy, counters, timeouts and memory per network namespace.")]
     Status(StatusArgs),
-    /// Stream dropped packets (and optionally new entries) with their cause.
+    #[command(about = "Stream dropped packets (and optionally new entries) with their cause.")]
     Trace(TraceArgs),
-    /// Live view of conntrack churn and drops: fill gauges, rates by cause, top keys.
+    #[command(about = "Live view of conntrack churn and drops: fill gauges, rates by cause, top keys.")]
     Top(TopArgs),
-    /// Sizing advice (max, buckets, timeouts) from RAM, kernel defaults and observed churn; --apply with backup.
+    #[command(about = "Sizing advice (max, buckets, timeouts) from RAM, kernel defaults and observed churn; --apply with backup.")]
     Recommend(crate::recommend::RecommendArgs),
-    /// Restore the conntrack settings saved by `recommend --apply`.
+    #[command(about = "Restore the conntrack settings saved by `recommend --apply`.")]
     Rollback(crate::recommend::RollbackArgs),
-    /// NOTRACK-equivalent nftables rules in a ctguard-owned table: add, list, remove, suggest.
+    #[command(about = "NOTRACK-equivalent nftables rules in a ctguard-owned table: add, list, remove, suggest.")]
     Bypass(crate::bypass::BypassArgs),
-    /// Self-contained demo in throw-away namespaces (and `lab flood`, the load generator).
+    #[command(about = "Self-contained demo in throw-away namespaces (and `lab flood`, the load generator).")]
     Lab(crate::lab::LabArgs),
+    #[command(about = "Triggered captures during load tests: pcapng of dropped packets' headers, events, stats and a summary around a trigger; can wrap the load-test command.")]
+    Capture(crate::capture::CaptureArgs),
 }
 
 #[derive(Debug, Args)]
