@@ -3,6 +3,7 @@
 //! The library holds every command's logic so integration tests can drive it;
 //! `main.rs` only parses the command line and maps errors to exit codes.
 pub mod bypass;
+pub mod capture;
 pub mod cli;
 pub mod conntrack;
 pub mod doctor;

@@ -17,6 +17,7 @@ fn main() -> ExitCode {
         Command::Rollback(args) => ctguard::recommend::rollback(args),
         Command::Bypass(args) => ctguard::bypass::run(args),
         Command::Lab(args) => ctguard::lab::run(args),
+        Command::Capture(args) => ctguard::capture::run(args),
     };
     match result {
         Ok(code) => code,

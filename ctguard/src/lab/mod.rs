@@ -22,8 +22,9 @@ pub struct LabArgs {
     /// Never wait for Enter between acts (for CI and docs).
     #[arg(long)]
     pub script: bool,
-    /// nf_conntrack_max during the lab.
-    #[arg(long, default_value_t = 1024)]
+    /// nf_conntrack_max during the lab (the default fits the cold ports'
+    /// flows but not the hot port's, so the bypass alone ends the drops).
+    #[arg(long, default_value_t = 8192)]
     pub max: u64,
     /// New flows per load round.
     #[arg(long, default_value_t = 20_000)]

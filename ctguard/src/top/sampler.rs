@@ -28,6 +28,11 @@ impl Sampler {
         Ok(Self { sensors, started: Instant::now(), namespaces: Vec::new(), listed_at_s: f64::NEG_INFINITY, only })
     }
 
+    /// The sensors, e.g. to take their ring buffer (`capture`).
+    pub fn sensors_mut(&mut self) -> &mut Sensors {
+        &mut self.sensors
+    }
+
     /// The backend the sensors use (for the header).
     pub fn backend(&self) -> crate::sensors::backend::Backend {
         self.sensors.backend
