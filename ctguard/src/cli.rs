@@ -95,21 +95,8 @@ pub struct TraceArgs {
     /// Only these causes (repeatable).
     #[arg(long, value_enum)]
     pub cause: Vec<Cause>,
-    /// Only this network namespace: inode number, name from `ip netns list`, or path.
-    #[arg(long)]
-    pub netns: Option<String>,
-    /// Only this protocol: tcp, udp, icmp, icmpv6, sctp or a number.
-    #[arg(long)]
-    pub proto: Option<String>,
-    /// Only flows with this source or destination port.
-    #[arg(long)]
-    pub port: Option<u16>,
-    /// Only flows whose source address is in this CIDR (IPv4 or IPv6).
-    #[arg(long)]
-    pub src: Option<Cidr>,
-    /// Only flows whose destination address is in this CIDR.
-    #[arg(long)]
-    pub dst: Option<Cidr>,
+    #[command(flatten)]
+    pub filter: FlowFilterArgs,
     /// Stop after this many events shown.
     #[arg(long)]
     pub count: Option<u64>,
@@ -163,25 +150,55 @@ pub struct TopArgs {
     /// Sort column.
     #[arg(long, value_enum, default_value = "inserts")]
     pub sort: crate::top::model::SortBy,
-    /// Only this namespace: name, path or inode.
-    #[arg(long)]
-    pub netns: Option<String>,
-    /// Only keys with this protocol (tcp, udp, icmp, number).
-    #[arg(long)]
-    pub proto: Option<String>,
-    /// Only keys with this port.
-    #[arg(long)]
-    pub port: Option<u16>,
-    /// Only keys whose source address is in this CIDR.
-    #[arg(long)]
-    pub src: Option<Cidr>,
-    /// Only keys whose destination address is in this CIDR.
-    #[arg(long)]
-    pub dst: Option<Cidr>,
+    #[command(flatten)]
+    pub filter: FlowFilterArgs,
     /// Distinct keys kept in the kernel before folding into "other".
     #[arg(long, default_value_t = 16384)]
     pub max_keys: u32,
     /// Which kernel hooks to use (see `ctguard doctor`).
     #[arg(long, value_enum, default_value = "auto")]
     pub backend: crate::sensors::backend::BackendRequest,
+}
+
+/// Which flows a view shows (`trace`, `top`); all combine with AND.
+#[derive(Debug, Args)]
+pub struct FlowFilterArgs {
+    /// Only this network namespace: inode number, name from `ip netns list`, or path.
+    #[arg(long)]
+    pub netns: Option<String>,
+    /// Only this protocol: tcp, udp, icmp, icmpv6, sctp or a number.
+    #[arg(long)]
+    pub proto: Option<String>,
+    /// Only flows with this source or destination port.
+    #[arg(long)]
+    pub port: Option<u16>,
+    /// Only flows whose source address is in this CIDR (IPv4 or IPv6).
+    #[arg(long)]
+    pub src: Option<Cidr>,
+    /// Only flows whose destination address is in this CIDR.
+    #[arg(long)]
+    pub dst: Option<Cidr>,
+}
+
+impl FlowFilterArgs {
+    /// Resolves the namespace and protocol names.
+    pub fn resolve(&self) -> anyhow::Result<crate::top::model::KeyFilter> {
+        let netns = match self.netns.as_deref() {
+            None => None,
+            Some(s) if s.chars().all(|c| c.is_ascii_digit()) => Some(s.parse::<u32>().map_err(|_| {
+                crate::error::CtguardError::usage(
+                    format!("--netns {s} is not a valid inode number"),
+                    "see `ls -L -i /proc/PID/ns/net`",
+                )
+            })?),
+            Some(s) => crate::netns::Netns::resolve(Some(s))?.first().map(|ns| ns.inode),
+        };
+        let proto = self
+            .proto
+            .as_deref()
+            .map(crate::trace::filter::parse_proto)
+            .transpose()
+            .map_err(|e| crate::error::CtguardError::usage(e, "e.g. --proto udp"))?;
+        Ok(crate::top::model::KeyFilter { netns, proto, port: self.port, src: self.src, dst: self.dst })
+    }
 }

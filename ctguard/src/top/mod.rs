@@ -14,9 +14,7 @@ use self::model::KeyFilter;
 use crate::{
     cli::TopArgs,
     error::CtguardError,
-    netns::Netns,
     sensors::SensorOptions,
-    trace::filter::parse_proto,
 };
 
 pub fn run(args: &TopArgs) -> anyhow::Result<ExitCode> {
@@ -40,16 +38,5 @@ pub fn run(args: &TopArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn key_filter(args: &TopArgs) -> anyhow::Result<KeyFilter> {
-    let netns = match args.netns.as_deref() {
-        None => None,
-        Some(s) if s.chars().all(|c| c.is_ascii_digit()) => Some(s.parse::<u32>()?),
-        Some(s) => Netns::resolve(Some(s))?.first().map(|ns| ns.inode),
-    };
-    let proto = args
-        .proto
-        .as_deref()
-        .map(parse_proto)
-        .transpose()
-        .map_err(|e| CtguardError::usage(e, "e.g. --proto udp"))?;
-    Ok(KeyFilter { netns, proto, port: args.port, src: args.src, dst: args.dst })
+    args.filter.resolve()
 }

@@ -1,17 +1,14 @@
 //! Which events `trace` shows. Pure: every filter is unit-tested.
 use crate::{
     sensors::{event::DecodedEvent, event::EventKind, snapshot::Cause},
-    util::Cidr,
+    top::model::KeyFilter,
 };
 
 #[derive(Clone, Debug, Default)]
 pub struct Filter {
     pub causes: Vec<Cause>,
-    pub netns: Option<u32>,
-    pub proto: Option<u8>,
-    pub port: Option<u16>,
-    pub src: Option<Cidr>,
-    pub dst: Option<Cidr>,
+    /// Namespace, protocol, port and addresses (shared with `top`).
+    pub flow: KeyFilter,
     /// Show new-entry events too (they never match a cause filter).
     pub new_entries: bool,
 }
@@ -22,13 +19,13 @@ impl Filter {
             EventKind::Drop => self.causes.is_empty() || ev.cause.is_some_and(|c| self.causes.contains(&c)),
             EventKind::NewEntry => self.new_entries && self.causes.is_empty(),
         };
-        let f = &ev.flow;
+        let (f, want) = (&ev.flow, &self.flow);
         kind_ok
-            && self.netns.is_none_or(|ns| ns == ev.netns)
-            && self.proto.is_none_or(|p| p == f.proto)
-            && self.port.is_none_or(|p| p == f.sport || p == f.dport)
-            && self.src.is_none_or(|c| f.src.is_some_and(|a| c.contains(&a)))
-            && self.dst.is_none_or(|c| f.dst.is_some_and(|a| c.contains(&a)))
+            && want.netns.is_none_or(|ns| ns == ev.netns)
+            && want.proto.is_none_or(|p| p == f.proto)
+            && want.port.is_none_or(|p| p == f.sport || p == f.dport)
+            && want.src.is_none_or(|c| f.src.is_some_and(|a| c.contains(&a)))
+            && want.dst.is_none_or(|c| f.dst.is_some_and(|a| c.contains(&a)))
     }
 }
 
@@ -87,17 +84,17 @@ mod tests {
         let no = |f: Filter| assert!(!f.matches(&ev), "{f:?}");
         yes(Filter { causes: vec![Cause::Ruleset, Cause::TableFull], ..Default::default() });
         no(Filter { causes: vec![Cause::TableFull], ..Default::default() });
-        yes(Filter { netns: Some(7), ..Default::default() });
-        no(Filter { netns: Some(8), ..Default::default() });
-        yes(Filter { proto: Some(17), ..Default::default() });
-        no(Filter { proto: Some(6), ..Default::default() });
-        yes(Filter { port: Some(53), ..Default::default() });
-        yes(Filter { port: Some(40000), ..Default::default() });
-        no(Filter { port: Some(80), ..Default::default() });
-        yes(Filter { src: Some("10.0.0.0/8".parse().unwrap()), ..Default::default() });
-        no(Filter { src: Some("192.168.0.0/16".parse().unwrap()), ..Default::default() });
-        yes(Filter { dst: Some("192.168.0.0/16".parse().unwrap()), ..Default::default() });
-        no(Filter { dst: Some("fd00::/8".parse().unwrap()), ..Default::default() });
+        yes(Filter { flow: KeyFilter { netns: Some(7), ..Default::default() }, ..Default::default() });
+        no(Filter { flow: KeyFilter { netns: Some(8), ..Default::default() }, ..Default::default() });
+        yes(Filter { flow: KeyFilter { proto: Some(17), ..Default::default() }, ..Default::default() });
+        no(Filter { flow: KeyFilter { proto: Some(6), ..Default::default() }, ..Default::default() });
+        yes(Filter { flow: KeyFilter { port: Some(53), ..Default::default() }, ..Default::default() });
+        yes(Filter { flow: KeyFilter { port: Some(40000), ..Default::default() }, ..Default::default() });
+        no(Filter { flow: KeyFilter { port: Some(80), ..Default::default() }, ..Default::default() });
+        yes(Filter { flow: KeyFilter { src: Some("10.0.0.0/8".parse().unwrap()), ..Default::default() }, ..Default::default() });
+        no(Filter { flow: KeyFilter { src: Some("192.168.0.0/16".parse().unwrap()), ..Default::default() }, ..Default::default() });
+        yes(Filter { flow: KeyFilter { dst: Some("192.168.0.0/16".parse().unwrap()), ..Default::default() }, ..Default::default() });
+        no(Filter { flow: KeyFilter { dst: Some("fd00::/8".parse().unwrap()), ..Default::default() }, ..Default::default() });
     }
 
     #[test]

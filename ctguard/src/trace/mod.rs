@@ -80,28 +80,7 @@ pub fn run(args: &TraceArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn build_filter(args: &TraceArgs) -> anyhow::Result<Filter> {
-    let netns = match args.netns.as_deref() {
-        None => None,
-        Some(s) if s.chars().all(|c| c.is_ascii_digit()) => Some(s.parse::<u32>().map_err(|_| {
-            CtguardError::usage(format!("--netns {s} is not a valid inode number"), "see `ls -L -i /proc/PID/ns/net`")
-        })?),
-        Some(s) => Some(Netns::resolve(Some(s))?.first().map(|ns| ns.inode).unwrap_or(0)),
-    };
-    let proto = args
-        .proto
-        .as_deref()
-        .map(filter::parse_proto)
-        .transpose()
-        .map_err(|e| CtguardError::usage(e, "e.g. --proto udp"))?;
-    Ok(Filter {
-        causes: args.cause.clone(),
-        netns,
-        proto,
-        port: args.port,
-        src: args.src,
-        dst: args.dst,
-        new_entries: args.new,
-    })
+    Ok(Filter { causes: args.cause.clone(), flow: args.filter.resolve()?, new_entries: args.new })
 }
 
 /// What the streaming loop saw.
@@ -229,11 +208,11 @@ fn summarize(
     kernel_before: &BTreeMap<u32, (Netns, StatTable)>,
 ) -> Summary {
     let counters = end.counters.since(&start.counters);
-    let drops = summary::drops_between(start, end, filter.netns);
+    let drops = summary::drops_between(start, end, filter.flow.netns);
     let kernel_after = kernel_counters();
     let mut reconciliation = Vec::new();
     for (inode, (ns, after)) in &kernel_after {
-        if filter.netns.is_some_and(|f| f != *inode) {
+        if filter.flow.netns.is_some_and(|f| f != *inode) {
             continue;
         }
         let Some((_, before)) = kernel_before.get(inode) else { continue };
@@ -255,6 +234,6 @@ fn summarize(
         counters,
         drops,
         reconciliation,
-        top_new_entries: summary::top_keys(start, end, filter.netns, args.by, 10),
+        top_new_entries: summary::top_keys(start, end, filter.flow.netns, args.by, 10),
     }
 }
