@@ -60,7 +60,7 @@ fn trace_json_shows_table_full_drops_during_a_flood() {
     assert_eq!(summary["drops"]["table_full"], kernel_drops);
     assert_eq!(summary["drops"]["ruleset"], 20);
     assert_eq!(summary["events_lost"], 0);
-    let rec = summary["reconciliation"].as_array().unwrap().iter().find(|r| r["netns"].to_string() == inode).expect("row");
+    let rec = summary["reconciliation"].as_array().unwrap().iter().find(|r| r["netns"] == inode).expect("row");
     assert_eq!(rec["kernel_drop"], kernel_drops);
     assert_eq!(rec["exact"], true, "{rec}");
 }

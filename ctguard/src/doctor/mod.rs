@@ -108,7 +108,7 @@ fn conntrack_here(placement: ConntrackPlacement) -> ConntrackReport {
     let entries = read_u64("/proc/sys/net/netfilter/nf_conntrack_count");
     let moved = std::fs::read_to_string("/proc/thread-self/net/stat/nf_conntrack").is_ok_and(|s| {
         // Any non-zero counter column (after "entries") on any CPU row.
-        s.lines().skip(1).any(|row| row.split_whitespace().skip(1).any(|v| v.trim_start_matches('0') != ""))
+        s.lines().skip(1).any(|row| row.split_whitespace().skip(1).any(|v| !v.trim_start_matches('0').is_empty()))
     });
     ConntrackReport {
         placement,

@@ -107,7 +107,7 @@ impl KernelBtf {
                     Self::missing(format!("struct {name} has no member {}", path.join(".")))
                 })?;
         }
-        if here.offset_bits % 8 != 0 {
+        if !here.offset_bits.is_multiple_of(8) {
             return Err(Self::missing(format!("{name}.{} is a bitfield", path.join("."))));
         }
         Ok(here.offset_bits / 8)
@@ -138,14 +138,13 @@ impl KernelBtf {
             if name == field {
                 return Ok(Some(Located { offset_bits: m.bit_offset(), type_id: member_type }));
             }
-            if name.is_empty() {
-                if let Some(inner) = self.find_member(member_type, field)? {
+            if name.is_empty()
+                && let Some(inner) = self.find_member(member_type, field)? {
                     return Ok(Some(Located {
                         offset_bits: m.bit_offset() + inner.offset_bits,
                         type_id: inner.type_id,
                     }));
                 }
-            }
         }
         Ok(None)
     }
