@@ -22,10 +22,7 @@ pub fn run() -> Result<ExitCode> {
         note("CAP_NET_ADMIN) to load its probes and enter network namespaces, so expect errors");
     }
 
-    let runs: [(&str, &[&str]); 2] = [
-        ("doctor", &["doctor"]),
-        ("status", &["status", "--netns", "all"]),
-    ];
+    let runs: [(&str, &[&str]); 2] = [("doctor", &["doctor"]), ("status", &["status", "--netns", "all"])];
     let mut warned = false;
     for (i, (name, args)) in runs.iter().enumerate() {
         step(format!("demo {}/3: ctguard {}", i + 2, args.join(" ")));
@@ -35,24 +32,15 @@ pub fn run() -> Result<ExitCode> {
             Some(0) => {}
             Some(WARNING) => {
                 warned = true;
-                note(format!(
-                    "ctguard {name} exited 1: a warning, not an error; continuing"
-                ));
+                note(format!("ctguard {name} exited 1: a warning, not an error; continuing"));
             }
             Some(code) => {
-                eprintln!(
-                    "xtask: demo: `ctguard {}` failed with exit status {code}",
-                    args.join(" ")
-                );
+                eprintln!("xtask: demo: `ctguard {}` failed with exit status {code}", args.join(" "));
                 return Ok(ExitCode::from(u8::try_from(code).unwrap_or(2)));
             }
             None => anyhow::bail!("`ctguard {}` was {}", args.join(" "), util::describe(st)),
         }
     }
-    step(if warned {
-        "demo: done (with warnings, see above)"
-    } else {
-        "demo: done"
-    });
+    step(if warned { "demo: done (with warnings, see above)" } else { "demo: done" });
     Ok(ExitCode::SUCCESS)
 }

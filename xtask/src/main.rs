@@ -3,11 +3,14 @@
 //!
 //! - `setup`: install what building and testing need (idempotent);
 //! - `test`:  setup, then every test tier, with one summary line each;
-//! - `demo`:  setup, build ctguard, run `ctguard doctor` and `ctguard status` here.
+//! - `demo`:  setup, build ctguard, run `ctguard doctor` and `ctguard status` here;
+//! - `vm-test`: the privileged integration suite under stock Debian kernels in qemu.
+mod bench;
 mod demo;
 mod setup;
 mod test;
 mod util;
+mod vm;
 
 use std::process::ExitCode;
 
@@ -31,12 +34,20 @@ enum Task {
     /// Install what building and testing need: Debian packages, the nightly
     /// rust-src component, bpf-linker. Quick when everything is already there.
     Setup,
-    /// Run setup, then the test tiers in order: "unit + CLI" (no root) and
-    /// "privileged integration" (root, serial, in network namespaces).
+    /// Run setup, then the test tiers in order: "unit + CLI" (no root),
+    /// "privileged integration" (root, serial, in network namespaces) and
+    /// "vm" (the privileged suite under stock Debian kernels in qemu).
     Test(test::TestArgs),
     /// Run setup, build ctguard (release) and run `ctguard doctor` and
     /// `ctguard status --netns all` on this host.
     Demo,
+    /// Run the privileged integration suite under stock Debian kernels
+    /// (downloaded through apt, cached) in qemu; no KVM needed. Exits with the
+    /// suite's status (124: timed out, 125: the guest never reported).
+    VmTest(vm::VmTestArgs),
+    /// Benchmark ctguard against the new-flow limit and the alternatives
+    /// (root; under 10 minutes; writes BENCHMARKS.md). --smoke: a quick check.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -55,6 +66,8 @@ fn main() -> ExitCode {
         Task::Setup => setup::run().map(|()| ExitCode::SUCCESS),
         Task::Test(args) => test::run(args),
         Task::Demo => demo::run(),
+        Task::VmTest(args) => vm::run(args),
+        Task::Bench(args) => bench::run(args),
     };
     match result {
         Ok(code) => code,
@@ -80,36 +93,46 @@ mod tests {
     #[test]
     fn test_defaults_to_all_tiers_without_extra_args() {
         let cli = Cli::try_parse_from(["xtask", "test"]).unwrap();
-        let Task::Test(args) = cli.task else {
-            panic!("not test")
-        };
+        let Task::Test(args) = cli.task else { panic!("not test") };
         assert_eq!(args.tier, TierChoice::All);
         assert!(args.test_args.is_empty());
     }
 
     #[test]
     fn test_takes_a_tier_and_args_after_double_dash() {
-        let cli = Cli::try_parse_from([
-            "xtask",
-            "test",
-            "--tier",
-            "privileged",
-            "--",
-            "netns",
-            "--nocapture",
-        ])
-        .unwrap();
-        let Task::Test(args) = cli.task else {
-            panic!("not test")
-        };
+        let cli = Cli::try_parse_from(["xtask", "test", "--tier", "privileged", "--", "netns", "--nocapture"]).unwrap();
+        let Task::Test(args) = cli.task else { panic!("not test") };
         assert_eq!(args.tier, TierChoice::Privileged);
         assert_eq!(args.test_args, ["netns", "--nocapture"]);
     }
 
     #[test]
     fn unknown_tier_and_stray_args_are_rejected() {
-        assert!(Cli::try_parse_from(["xtask", "test", "--tier", "vm"]).is_err());
+        assert!(Cli::try_parse_from(["xtask", "test", "--tier", "kvm"]).is_err());
         assert!(Cli::try_parse_from(["xtask", "test", "filter"]).is_err());
         assert!(Cli::try_parse_from(["xtask", "setup", "--", "x"]).is_err());
+        assert!(Cli::try_parse_from(["xtask", "vm-test", "--kernel", "debian-7"]).is_err());
+        assert!(Cli::try_parse_from(["xtask", "vm-test", "filter"]).is_err());
+    }
+
+    #[test]
+    fn vm_test_defaults_to_every_kernel() {
+        let cli = Cli::try_parse_from(["xtask", "vm-test"]).unwrap();
+        let Task::VmTest(args) = cli.task else { panic!("not vm-test") };
+        assert_eq!(args.kernel, vm::KernelChoice::All);
+        assert_eq!(args.timeout, 1200);
+        assert_eq!(args.accel, vm::qemu::Accel::Auto);
+        assert!(args.test_args.is_empty());
+    }
+
+    #[test]
+    fn vm_test_takes_a_kernel_a_timeout_and_test_args() {
+        let cli =
+            Cli::try_parse_from(["xtask", "vm-test", "--kernel", "debian-6.1", "--timeout", "60", "--", "--list"])
+                .unwrap();
+        let Task::VmTest(args) = cli.task else { panic!("not vm-test") };
+        assert_eq!(args.kernel, vm::KernelChoice::Debian61);
+        assert_eq!(args.timeout, 60);
+        assert_eq!(args.test_args, ["--list"]);
     }
 }

@@ -52,18 +52,13 @@ pub fn run() -> Result<()> {
     let start = Instant::now();
     step("setup 1/4: Debian packages");
     debian_packages().context("setup step 1/4 (Debian packages) failed")?;
-    step(format!(
-        "setup 2/4: `{NIGHTLY}` toolchain and its rust-src component"
-    ));
+    step(format!("setup 2/4: `{NIGHTLY}` toolchain and its rust-src component"));
     let nightly = nightly_toolchain().context("setup step 2/4 (nightly toolchain) failed")?;
     step("setup 3/4: bpf-linker");
     let linker = bpf_linker(&nightly).context("setup step 3/4 (bpf-linker) failed")?;
     step("setup 4/4: versions");
     report_versions(&nightly, &linker);
-    step(format!(
-        "setup: done in {:.1} s",
-        start.elapsed().as_secs_f64()
-    ));
+    step(format!("setup: done in {:.1} s", start.elapsed().as_secs_f64()));
     Ok(())
 }
 
@@ -72,10 +67,7 @@ pub fn run() -> Result<()> {
 fn debian_packages() -> Result<()> {
     if std::env::var_os("CTGUARD_SKIP_APT").is_some_and(|v| !v.is_empty() && v != "0") {
         note("CTGUARD_SKIP_APT is set: not checking Debian packages");
-        note(format!(
-            "(the tests expect the tools of: {})",
-            PACKAGES.join(" ")
-        ));
+        note(format!("(the tests expect the tools of: {})", PACKAGES.join(" ")));
         return Ok(());
     }
     if util::which("dpkg-query").is_none() {
@@ -88,11 +80,7 @@ fn debian_packages() -> Result<()> {
     }
     let missing = missing_packages(PACKAGES)?;
     if missing.is_empty() {
-        note(format!(
-            "all {} present: {}",
-            PACKAGES.len(),
-            PACKAGES.join(" ")
-        ));
+        note(format!("all {} present: {}", PACKAGES.len(), PACKAGES.join(" ")));
         return Ok(());
     }
     note(format!("missing: {}", missing.join(" ")));
@@ -104,17 +92,10 @@ fn debian_packages() -> Result<()> {
         );
     }
     util::run(cmd("apt-get", ["update"]).env("DEBIAN_FRONTEND", "noninteractive"))?;
-    util::run(
-        cmd("apt-get", ["install", "-y"])
-            .args(&missing)
-            .env("DEBIAN_FRONTEND", "noninteractive"),
-    )?;
+    util::run(cmd("apt-get", ["install", "-y"]).args(&missing).env("DEBIAN_FRONTEND", "noninteractive"))?;
     let still = missing_packages(PACKAGES)?;
     if !still.is_empty() {
-        bail!(
-            "apt-get finished but these packages are still not installed: {}",
-            still.join(" ")
-        );
+        bail!("apt-get finished but these packages are still not installed: {}", still.join(" "));
     }
     note("installed");
     Ok(())
@@ -132,11 +113,7 @@ fn missing_packages<'a>(wanted: &[&'a str]) -> Result<Vec<&'a str>> {
         .context("could not run dpkg-query")?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     let installed = installed_packages(&stdout);
-    Ok(wanted
-        .iter()
-        .copied()
-        .filter(|p| !installed.contains(p))
-        .collect())
+    Ok(wanted.iter().copied().filter(|p| !installed.contains(p)).collect())
 }
 
 /// Names from `dpkg-query -W -f='${Package} ${Status}\n'` output whose status is installed.
@@ -160,30 +137,18 @@ fn nightly_toolchain() -> Result<Nightly> {
         )
     })?;
     let version = util::first_line(&vv).to_owned();
-    let llvm_version = llvm_version(&vv)
-        .with_context(|| format!("no `LLVM version:` line in `rustc {plus} -vV`:\n{vv}"))?
-        .to_owned();
-    let sysroot = PathBuf::from(
-        util::output(&mut cmd("rustc", [plus.as_str(), "--print", "sysroot"]))?.trim(),
-    );
-    note(format!(
-        "{version} (LLVM {llvm_version}) at {}",
-        sysroot.display()
-    ));
+    let llvm_version =
+        llvm_version(&vv).with_context(|| format!("no `LLVM version:` line in `rustc {plus} -vV`:\n{vv}"))?.to_owned();
+    let sysroot = PathBuf::from(util::output(&mut cmd("rustc", [plus.as_str(), "--print", "sysroot"]))?.trim());
+    note(format!("{version} (LLVM {llvm_version}) at {}", sysroot.display()));
 
     let core = rust_src_core(&sysroot);
     if core.is_dir() {
         note("rust-src present");
     } else {
-        note(format!(
-            "rust-src missing ({} does not exist): adding it",
-            core.display()
-        ));
+        note(format!("rust-src missing ({} does not exist): adding it", core.display()));
         let added = util::run_with_timeout(
-            &mut cmd(
-                "rustup",
-                ["component", "add", "rust-src", "--toolchain", NIGHTLY],
-            ),
+            &mut cmd("rustup", ["component", "add", "rust-src", "--toolchain", NIGHTLY]),
             RUSTUP_TIMEOUT,
         );
         if !core.is_dir() {
@@ -196,7 +161,9 @@ fn nightly_toolchain() -> Result<Nightly> {
                 Ok(()) => format!("rustup reported success but {} does not exist", core.display()),
             };
             let Some(tarball) = std::env::var_os(RUST_SRC_TARBALL_ENV) else {
-                bail!("could not add rust-src to the nightly toolchain ({why}); retry, or set {RUST_SRC_TARBALL_ENV} to a local rust-src tarball");
+                bail!(
+                    "could not add rust-src to the nightly toolchain ({why}); retry, or set {RUST_SRC_TARBALL_ENV} to a local rust-src tarball"
+                );
             };
             let tarball = PathBuf::from(tarball);
             note(format!("{why}; unpacking {} into the sysroot instead", tarball.display()));
@@ -211,16 +178,16 @@ fn nightly_toolchain() -> Result<Nightly> {
             ))
             .with_context(|| format!("unpacking {} failed", tarball.display()))?;
             if !core.is_dir() {
-                bail!("{} does not hold rust-src for this toolchain: {} still missing", tarball.display(), core.display());
+                bail!(
+                    "{} does not hold rust-src for this toolchain: {} still missing",
+                    tarball.display(),
+                    core.display()
+                );
             }
         }
         note("rust-src added");
     }
-    Ok(Nightly {
-        sysroot,
-        version,
-        llvm_version,
-    })
+    Ok(Nightly { sysroot, version, llvm_version })
 }
 
 /// Names a local rust-src tarball to unpack when rustup cannot download it.
@@ -232,11 +199,7 @@ fn rust_src_core(sysroot: &Path) -> PathBuf {
 
 /// `22.1.4` from the `LLVM version: 22.1.4` line of `rustc -vV`.
 fn llvm_version(rustc_vv: &str) -> Option<&str> {
-    rustc_vv
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("LLVM version:"))
-        .map(str::trim)
-        .filter(|v| !v.is_empty())
+    rustc_vv.lines().find_map(|l| l.trim().strip_prefix("LLVM version:")).map(str::trim).filter(|v| !v.is_empty())
 }
 
 /// `22` from `22.1.4`.
@@ -253,10 +216,7 @@ fn bpf_linker(nightly: &Nightly) -> Result<(PathBuf, String)> {
         .context("cannot tell where to install bpf-linker: neither CARGO_HOME nor HOME is set")?;
     let mut candidates = Vec::new();
     if custom_root.is_some() {
-        note(format!(
-            "CTGUARD_BPF_LINKER_ROOT={}: looking only there",
-            root.display()
-        ));
+        note(format!("CTGUARD_BPF_LINKER_ROOT={}: looking only there", root.display()));
     } else {
         candidates.extend(util::which("bpf-linker"));
     }
@@ -284,12 +244,8 @@ fn bpf_linker(nightly: &Nightly) -> Result<(PathBuf, String)> {
 }
 
 fn install_bpf_linker(nightly: &Nightly, root: &Path) -> Result<(PathBuf, String)> {
-    let major = llvm_major(&nightly.llvm_version).with_context(|| {
-        format!(
-            "cannot read the LLVM major version from {}",
-            nightly.llvm_version
-        )
-    })?;
+    let major = llvm_major(&nightly.llvm_version)
+        .with_context(|| format!("cannot read the LLVM major version from {}", nightly.llvm_version))?;
     let libdir = nightly.sysroot.join("lib");
     let names = std::fs::read_dir(&libdir)
         .with_context(|| format!("cannot list {}", libdir.display()))?
@@ -308,8 +264,7 @@ fn install_bpf_linker(nightly: &Nightly, root: &Path) -> Result<(PathBuf, String
     // put it inside the toolchain itself.
     let prefix = libdir.join("bpf-linker-llvm");
     let prefix_lib = prefix.join("lib");
-    std::fs::create_dir_all(&prefix_lib)
-        .with_context(|| format!("cannot create {}", prefix_lib.display()))?;
+    std::fs::create_dir_all(&prefix_lib).with_context(|| format!("cannot create {}", prefix_lib.display()))?;
     for name in ["libLLVM.so", libllvm.as_str()] {
         symlink_atomically(&libllvm_path, &prefix_lib.join(name))?;
     }
@@ -317,10 +272,7 @@ fn install_bpf_linker(nightly: &Nightly, root: &Path) -> Result<(PathBuf, String
         "building bpf-linker (feature llvm-{major}) against {} -- this takes a few minutes",
         libllvm_path.display()
     ));
-    let mut install: Command = cmd(
-        util::cargo(),
-        ["install", "bpf-linker", "--locked", "--no-default-features"],
-    );
+    let mut install: Command = cmd(util::cargo(), ["install", "bpf-linker", "--locked", "--no-default-features"]);
     install
         .args(["--features", &format!("llvm-{major}")])
         .arg("--root")
@@ -355,19 +307,14 @@ fn symlink_atomically(target: &Path, link: &Path) -> Result<()> {
     tmp.push(".xtask-tmp");
     let tmp = PathBuf::from(tmp);
     let _ = std::fs::remove_file(&tmp);
-    std::os::unix::fs::symlink(target, &tmp)
-        .with_context(|| format!("cannot create the symlink {}", tmp.display()))?;
-    std::fs::rename(&tmp, link)
-        .with_context(|| format!("cannot move the symlink into place at {}", link.display()))
+    std::os::unix::fs::symlink(target, &tmp).with_context(|| format!("cannot create the symlink {}", tmp.display()))?;
+    std::fs::rename(&tmp, link).with_context(|| format!("cannot move the symlink into place at {}", link.display()))
 }
 
 /// The versioned shared LLVM among a toolchain's lib/ file names
 /// (`libLLVM.so.22.1-rust-1.97.0-nightly`), the first in sorted order.
 fn pick_libllvm(names: impl IntoIterator<Item = String>) -> Option<String> {
-    let mut found: Vec<String> = names
-        .into_iter()
-        .filter(|n| n.starts_with("libLLVM.so."))
-        .collect();
+    let mut found: Vec<String> = names.into_iter().filter(|n| n.starts_with("libLLVM.so.")).collect();
     found.sort();
     found.into_iter().next()
 }
@@ -376,32 +323,17 @@ fn pick_libllvm(names: impl IntoIterator<Item = String>) -> Option<String> {
 
 fn report_versions(nightly: &Nightly, (linker, linker_version): &(PathBuf, String)) {
     let cargo = util::cargo();
-    let version_of = |c: &mut Command| {
-        util::probe(c)
-            .map(|s| util::first_line(&s).to_owned())
-            .unwrap_or_else(|| "NOT FOUND".into())
-    };
+    let version_of =
+        |c: &mut Command| util::probe(c).map(|s| util::first_line(&s).to_owned()).unwrap_or_else(|| "NOT FOUND".into());
     let rows: Vec<(&str, String)> = vec![
         ("rustc", version_of(&mut cmd("rustc", ["--version"]))),
         ("cargo", version_of(&mut cmd(&cargo, ["--version"]))),
-        (
-            "rustc +nightly",
-            format!("{} (LLVM {})", nightly.version, nightly.llvm_version),
-        ),
-        (
-            "bpf-linker",
-            format!("{linker_version} ({})", linker.display()),
-        ),
+        ("rustc +nightly", format!("{} (LLVM {})", nightly.version, nightly.llvm_version)),
+        ("bpf-linker", format!("{linker_version} ({})", linker.display())),
         ("nft", version_of(&mut cmd("nft", ["--version"]))),
-        (
-            "conntrack",
-            version_of(&mut cmd("conntrack", ["--version"])),
-        ),
+        ("conntrack", version_of(&mut cmd("conntrack", ["--version"]))),
         ("ip", version_of(&mut cmd("ip", ["-V"]))),
-        (
-            "qemu",
-            version_of(&mut cmd("qemu-system-x86_64", ["--version"])),
-        ),
+        ("qemu", version_of(&mut cmd("qemu-system-x86_64", ["--version"]))),
         (
             "kernel",
             std::fs::read_to_string("/proc/sys/kernel/osrelease")
@@ -465,10 +397,7 @@ mod tests {
             "rustlib",
         ]
         .map(String::from);
-        assert_eq!(
-            pick_libllvm(names).as_deref(),
-            Some("libLLVM.so.22.1-rust-1.97.0-nightly")
-        );
+        assert_eq!(pick_libllvm(names).as_deref(), Some("libLLVM.so.22.1-rust-1.97.0-nightly"));
         assert_eq!(pick_libllvm(["libLLVM-22.so".to_string()]), None);
     }
 
@@ -487,9 +416,6 @@ mod tests {
 
     #[test]
     fn rust_src_is_looked_for_in_the_sysroot() {
-        assert_eq!(
-            rust_src_core(Path::new("/t")),
-            Path::new("/t/lib/rustlib/src/rust/library/core")
-        );
+        assert_eq!(rust_src_core(Path::new("/t")), Path::new("/t/lib/rustlib/src/rust/library/core"));
     }
 }

@@ -1,6 +1,9 @@
 //! `cargo xtask test`: the project's test command. Runs `setup`, then each
 //! tier in order (stopping at the first that fails), then prints one summary
 //! line per tier and, last, `xtask: N passed, N failed` (counting tiers).
+//!
+//! Integration tests named `vm_*` need what only the stock kernels of the vm
+//! tier allow (kprobes, fentry): the privileged tier skips them on this host.
 use std::{
     path::Path,
     process::ExitCode,
@@ -27,9 +30,12 @@ pub struct TestArgs {
 pub enum TierChoice {
     /// Unit tests and CLI tests of ctguard and xtask (no root needed).
     Unit,
-    /// The integration tests that load the eBPF programs in network namespaces (root).
+    /// The integration tests that load the eBPF programs in network namespaces (root),
+    /// except the `vm_*` ones.
     Privileged,
-    /// Both, in that order.
+    /// The whole integration suite under stock Debian kernels in qemu (`cargo xtask vm-test`).
+    Vm,
+    /// All three, in that order.
     All,
 }
 
@@ -37,31 +43,32 @@ pub enum TierChoice {
 pub enum Tier {
     Unit,
     Privileged,
+    Vm,
 }
+
+/// Test-name filter of the tests that only make sense in the VM tier.
+pub const VM_ONLY_PREFIX: &str = "vm_";
 
 impl Tier {
     pub fn name(self) -> &'static str {
         match self {
             Tier::Unit => "unit + CLI",
             Tier::Privileged => "privileged integration",
+            Tier::Vm => "vm (Debian kernels)",
         }
     }
 
-    /// The `cargo test` arguments of this tier, with `extra` for the test binaries.
-    pub fn cargo_args(self, extra: &[String]) -> Vec<String> {
+    /// The `cargo test` arguments of this tier, with `extra` for the test
+    /// binaries; `None` for the vm tier, which is not one cargo command.
+    pub fn cargo_args(self, extra: &[String]) -> Option<Vec<String>> {
         let mut args: Vec<String> = match self {
-            Tier::Unit => ["test", "-p", "ctguard", "-p", "xtask"]
-                .map(String::from)
-                .to_vec(),
-            Tier::Privileged => [
-                "test",
-                "-p",
-                "ctguard-integration",
-                "--",
-                "--test-threads=1",
-            ]
-            .map(String::from)
-            .to_vec(),
+            Tier::Unit => ["test", "-p", "ctguard", "-p", "xtask"].map(String::from).to_vec(),
+            Tier::Privileged => {
+                ["test", "-p", "ctguard-integration", "--", "--test-threads=1", "--skip", VM_ONLY_PREFIX]
+                    .map(String::from)
+                    .to_vec()
+            }
+            Tier::Vm => return None,
         };
         if !extra.is_empty() {
             if !args.iter().any(|a| a == "--") {
@@ -69,7 +76,7 @@ impl Tier {
             }
             args.extend(extra.iter().cloned());
         }
-        args
+        Some(args)
     }
 }
 
@@ -78,7 +85,8 @@ impl TierChoice {
         match self {
             TierChoice::Unit => vec![Tier::Unit],
             TierChoice::Privileged => vec![Tier::Privileged],
-            TierChoice::All => vec![Tier::Unit, Tier::Privileged],
+            TierChoice::Vm => vec![Tier::Vm],
+            TierChoice::All => vec![Tier::Unit, Tier::Privileged, Tier::Vm],
         }
     }
 }
@@ -116,20 +124,10 @@ pub fn run(args: &TestArgs) -> Result<ExitCode> {
     for (tier, outcome) in &outcomes {
         println!("{}", summary_line(*tier, outcome));
     }
-    let passed = outcomes
-        .iter()
-        .filter(|(_, o)| matches!(o, Outcome::Passed(_)))
-        .count();
-    let failed = outcomes
-        .iter()
-        .filter(|(_, o)| matches!(o, Outcome::Failed(..)))
-        .count();
+    let passed = outcomes.iter().filter(|(_, o)| matches!(o, Outcome::Passed(_))).count();
+    let failed = outcomes.iter().filter(|(_, o)| matches!(o, Outcome::Failed(..))).count();
     println!("{}", closing_line(passed, failed));
-    Ok(if failed == 0 {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
 fn banner(title: &str) {
@@ -158,7 +156,10 @@ fn run_tier(tier: Tier, extra: &[String]) -> Result<()> {
     if tier == Tier::Privileged {
         privileged_preflight()?;
     }
-    let mut c = cmd(util::cargo(), tier.cargo_args(extra));
+    let Some(args) = tier.cargo_args(extra) else {
+        return crate::vm::run_for_tier(extra);
+    };
+    let mut c = cmd(util::cargo(), args);
     c.current_dir(util::workspace_root());
     util::run(&mut c)
 }
@@ -188,22 +189,11 @@ fn privileged_preflight() -> Result<()> {
     if tracing.join("events").is_dir() {
         note(format!("tracefs mounted at {}", tracing.display()));
     } else {
-        note(format!(
-            "tracefs not mounted at {}: mounting it",
-            tracing.display()
-        ));
-        util::run(&mut cmd(
-            "mount",
-            ["-t", "tracefs", "nodev", "/sys/kernel/tracing"],
-        ))
-        .map_err(|e| {
-            e.context("cannot mount tracefs (the tests read tracepoint formats from it)")
-        })?;
+        note(format!("tracefs not mounted at {}: mounting it", tracing.display()));
+        util::run(&mut cmd("mount", ["-t", "tracefs", "nodev", "/sys/kernel/tracing"]))
+            .map_err(|e| e.context("cannot mount tracefs (the tests read tracepoint formats from it)"))?;
         if !tracing.join("events").is_dir() {
-            bail!(
-                "mounted tracefs but {}/events still does not exist",
-                tracing.display()
-            );
+            bail!("mounted tracefs but {}/events still does not exist", tracing.display());
         }
     }
     Ok(())
@@ -219,53 +209,35 @@ mod tests {
 
     #[test]
     fn unit_tier_runs_ctguard_and_xtask_tests() {
-        assert_eq!(
-            Tier::Unit.cargo_args(&[]),
-            s(&["test", "-p", "ctguard", "-p", "xtask"])
-        );
+        assert_eq!(Tier::Unit.cargo_args(&[]), Some(s(&["test", "-p", "ctguard", "-p", "xtask"])));
         assert_eq!(
             Tier::Unit.cargo_args(&s(&["status", "--nocapture"])),
-            s(&[
-                "test",
-                "-p",
-                "ctguard",
-                "-p",
-                "xtask",
-                "--",
-                "status",
-                "--nocapture"
-            ])
+            Some(s(&["test", "-p", "ctguard", "-p", "xtask", "--", "status", "--nocapture"]))
         );
     }
 
     #[test]
-    fn privileged_tier_runs_serially_and_keeps_the_filter() {
+    fn privileged_tier_runs_serially_skips_vm_tests_and_keeps_the_filter() {
         assert_eq!(
             Tier::Privileged.cargo_args(&[]),
-            s(&[
-                "test",
-                "-p",
-                "ctguard-integration",
-                "--",
-                "--test-threads=1"
-            ])
+            Some(s(&["test", "-p", "ctguard-integration", "--", "--test-threads=1", "--skip", "vm_"]))
         );
         assert_eq!(
             Tier::Privileged.cargo_args(&s(&["trace"])),
-            s(&[
-                "test",
-                "-p",
-                "ctguard-integration",
-                "--",
-                "--test-threads=1",
-                "trace"
-            ])
+            Some(s(&["test", "-p", "ctguard-integration", "--", "--test-threads=1", "--skip", "vm_", "trace"]))
         );
+    }
+
+    #[test]
+    fn vm_tier_is_not_a_cargo_command() {
+        assert_eq!(Tier::Vm.cargo_args(&s(&["trace"])), None);
+        assert_eq!(Tier::Vm.name(), "vm (Debian kernels)");
     }
 
     #[test]
     fn tier_choice_orders_tiers() {
-        assert_eq!(TierChoice::All.tiers(), [Tier::Unit, Tier::Privileged]);
+        assert_eq!(TierChoice::All.tiers(), [Tier::Unit, Tier::Privileged, Tier::Vm]);
+        assert_eq!(TierChoice::Vm.tiers(), [Tier::Vm]);
         assert_eq!(TierChoice::Unit.tiers(), [Tier::Unit]);
         assert_eq!(TierChoice::Privileged.tiers(), [Tier::Privileged]);
     }
@@ -279,18 +251,9 @@ mod tests {
     #[test]
     fn summary_lines_name_the_outcome() {
         let ok = summary_line(Tier::Unit, &Outcome::Passed(Duration::from_millis(1500)));
-        assert!(
-            ok.contains("unit + CLI") && ok.contains("passed") && ok.contains("1.5 s"),
-            "{ok}"
-        );
-        let bad = summary_line(
-            Tier::Privileged,
-            &Outcome::Failed(Duration::ZERO, "must run as root\nmore".into()),
-        );
-        assert!(
-            bad.contains("FAILED") && bad.ends_with("must run as root"),
-            "{bad}"
-        );
+        assert!(ok.contains("unit + CLI") && ok.contains("passed") && ok.contains("1.5 s"), "{ok}");
+        let bad = summary_line(Tier::Privileged, &Outcome::Failed(Duration::ZERO, "must run as root\nmore".into()));
+        assert!(bad.contains("FAILED") && bad.ends_with("must run as root"), "{bad}");
         assert!(summary_line(Tier::Privileged, &Outcome::NotRun).contains("not run"));
     }
 }

@@ -57,10 +57,7 @@ pub fn display(c: &Command) -> String {
 
 fn quote(s: &OsStr) -> String {
     let s = s.to_string_lossy();
-    if !s.is_empty()
-        && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_./=:+,@%".contains(c))
-    {
+    if !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_./=:+,@%".contains(c)) {
         s.into_owned()
     } else {
         format!("'{}'", s.replace('\'', r"'\''"))
@@ -70,10 +67,7 @@ fn quote(s: &OsStr) -> String {
 fn spawn_error(c: &Command, e: std::io::Error) -> anyhow::Error {
     let program = c.get_program().to_string_lossy().into_owned();
     if e.kind() == std::io::ErrorKind::NotFound {
-        anyhow::anyhow!(
-            "could not start `{}`: `{program}` is not installed or not in PATH",
-            display(c)
-        )
+        anyhow::anyhow!("could not start `{}`: `{program}` is not installed or not in PATH", display(c))
     } else {
         anyhow::anyhow!("could not start `{}`: {e}", display(c))
     }
@@ -110,11 +104,7 @@ pub fn run_with_timeout(c: &mut Command, limit: Duration) -> Result<()> {
         if start.elapsed() >= limit {
             let _ = child.kill();
             let _ = child.wait();
-            bail!(
-                "`{}` did not finish within {} s and was stopped",
-                display(c),
-                limit.as_secs()
-            );
+            bail!("`{}` did not finish within {} s and was stopped", display(c), limit.as_secs());
         }
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -123,20 +113,11 @@ pub fn run_with_timeout(c: &mut Command, limit: Duration) -> Result<()> {
 /// Runs the command quietly and returns its standard output, or fails with
 /// its standard error in the message.
 pub fn output(c: &mut Command) -> Result<String> {
-    let out = c
-        .stdin(Stdio::null())
-        .stderr(Stdio::piped())
-        .stdout(Stdio::piped())
-        .output()
-        .map_err(|e| spawn_error(c, e))?;
+    let out =
+        c.stdin(Stdio::null()).stderr(Stdio::piped()).stdout(Stdio::piped()).output().map_err(|e| spawn_error(c, e))?;
     if !out.status.success() {
         let err = String::from_utf8_lossy(&out.stderr);
-        bail!(
-            "`{}` failed ({}): {}",
-            display(c),
-            describe(out.status),
-            err.trim()
-        );
+        bail!("`{}` failed ({}): {}", display(c), describe(out.status), err.trim());
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -144,15 +125,8 @@ pub fn output(c: &mut Command) -> Result<String> {
 /// Runs the command quietly; its standard output, or `None` if it could not
 /// run or failed. For probes ("is this tool here?").
 pub fn probe(c: &mut Command) -> Option<String> {
-    let out = c
-        .stdin(Stdio::null())
-        .stderr(Stdio::null())
-        .stdout(Stdio::piped())
-        .output()
-        .ok()?;
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    let out = c.stdin(Stdio::null()).stderr(Stdio::null()).stdout(Stdio::piped()).output().ok()?;
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// "exit status 3" / "killed by signal 9".
@@ -167,10 +141,7 @@ pub fn describe(st: ExitStatus) -> String {
 
 /// Whether this process runs with effective user id 0.
 pub fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| effective_uid(&s))
-        .is_some_and(|uid| uid == 0)
+    std::fs::read_to_string("/proc/self/status").ok().and_then(|s| effective_uid(&s)).is_some_and(|uid| uid == 0)
 }
 
 /// The effective uid from the text of /proc/self/status (`Uid: real effective saved fs`).
@@ -186,10 +157,7 @@ pub fn workspace_root() -> PathBuf {
     let manifest_dir = std::env::var_os("CARGO_MANIFEST_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
-    manifest_dir
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or(manifest_dir)
+    manifest_dir.parent().map(Path::to_path_buf).unwrap_or(manifest_dir)
 }
 
 /// The cargo that runs us (so a `cargo +toolchain xtask` stays on that toolchain).
@@ -245,23 +213,17 @@ fn extended_path(current: &OsStr, front: &[PathBuf], back: &[PathBuf]) -> Option
 /// Looks `name` up in PATH.
 pub fn which(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|d| d.join(name))
-        .find(|p| is_executable(p))
+    std::env::split_paths(&path).map(|d| d.join(name)).find(|p| is_executable(p))
 }
 
 pub fn is_executable(p: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt as _;
-    p.metadata()
-        .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    p.metadata().is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
 /// The first line of a `--version` style output, trimmed.
 pub fn first_line(s: &str) -> &str {
-    s.lines()
-        .map(str::trim)
-        .find(|l| !l.is_empty())
-        .unwrap_or("")
+    s.lines().map(str::trim).find(|l| !l.is_empty()).unwrap_or("")
 }
 
 #[cfg(test)]
@@ -280,18 +242,12 @@ mod tests {
     fn display_quotes_only_when_needed() {
         let mut c = cmd("apt-get", ["install", "-y", "a b", "it's"]);
         c.env("DEBIAN_FRONTEND", "noninteractive");
-        assert_eq!(
-            display(&c),
-            r"DEBIAN_FRONTEND=noninteractive apt-get install -y 'a b' 'it'\''s'"
-        );
+        assert_eq!(display(&c), r"DEBIAN_FRONTEND=noninteractive apt-get install -y 'a b' 'it'\''s'");
     }
 
     #[test]
     fn our_cargo_is_shown_as_cargo() {
-        assert_eq!(
-            display(&cmd(cargo(), ["test", "-p", "xtask"])),
-            "cargo test -p xtask"
-        );
+        assert_eq!(display(&cmd(cargo(), ["test", "-p", "xtask"])), "cargo test -p xtask");
     }
 
     #[test]
@@ -306,16 +262,12 @@ mod tests {
     #[test]
     fn missing_program_is_named() {
         let err = run(&mut cmd("ctguard-xtask-no-such-program", ["x"])).unwrap_err();
-        assert!(
-            err.to_string().contains("not installed or not in PATH"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("not installed or not in PATH"), "{err}");
     }
 
     #[test]
     fn timeout_stops_the_command() {
-        let err =
-            run_with_timeout(&mut cmd("sleep", ["5"]), Duration::from_millis(300)).unwrap_err();
+        let err = run_with_timeout(&mut cmd("sleep", ["5"]), Duration::from_millis(300)).unwrap_err();
         assert!(err.to_string().contains("did not finish"), "{err}");
         run_with_timeout(&mut cmd("true", [""; 0]), Duration::from_secs(5)).unwrap();
     }
@@ -328,18 +280,12 @@ mod tests {
             &[p("/root/.cargo/bin"), p("/opt/bin")],
             &[p("/usr/sbin"), p("/bin")],
         );
-        assert_eq!(
-            got.unwrap(),
-            "/opt/bin:/usr/bin:/root/.cargo/bin:/bin:/usr/sbin"
-        );
+        assert_eq!(got.unwrap(), "/opt/bin:/usr/bin:/root/.cargo/bin:/bin:/usr/sbin");
     }
 
     #[test]
     fn first_line_skips_blank_lines() {
-        assert_eq!(
-            first_line("\n  bpf-linker 0.13.0 \nmore"),
-            "bpf-linker 0.13.0"
-        );
+        assert_eq!(first_line("\n  bpf-linker 0.13.0 \nmore"), "bpf-linker 0.13.0");
         assert_eq!(first_line(""), "");
     }
 }
