@@ -2,9 +2,9 @@
 //!
 //! Sensors (tracepoint backend, works on every kernel with BTF, including
 //! locked-down ones):
-//! - `ctg_kfree_skb` (tp_btf `skb:kfree_skb`): every packet netfilter drops,
+//! - `ctg_kfree_skb` (raw_tp `skb:kfree_skb`): every packet netfilter drops,
 //!   classified by cause, counted per netns and sent as an event.
-//! - `ctg_ct_alloc` / `ctg_ct_free` (tp_btf `kmem:kmem_cache_alloc/free` on the
+//! - `ctg_ct_alloc` / `ctg_ct_free` (raw_tp `kmem:kmem_cache_alloc/free` on the
 //!   `nf_conntrack` slab): exact counts of new and removed entries, keyed by
 //!   the flow key the user chose.
 //! - `ctg_flush` (raw_tp, never attached): run by userspace on each CPU through
@@ -158,8 +158,11 @@ const NFCT_INFOMASK: u64 = 7;
 const IP_CT_UNTRACKED: u64 = 7;
 const IPS_CONFIRMED: u32 = 1 << 3;
 
-#[btf_tracepoint(function = "kfree_skb")]
-pub fn ctg_kfree_skb(ctx: BtfTracePointContext) -> i32 {
+// Raw tracepoints, not tp_btf: older verifiers (6.1, 6.12) refuse tp_btf
+// reads of `void *` arguments (kfree_skb's location, the slab object), and
+// every pointer here is read with bpf_probe_read_kernel anyway.
+#[raw_tracepoint(tracepoint = "kfree_skb")]
+pub fn ctg_kfree_skb(ctx: RawTracePointContext) -> i32 {
     // TP_PROTO(skb, location, reason[, rx_sk]); reason is an enum (u32).
     let reason: u64 = ctx.arg(2);
     if reason as u32 != g(&NF_DROP_REASON) {
@@ -373,7 +376,7 @@ fn parse_packet(skb: u64, t: &mut FlowTuple) {
 
 /// Is `cache` the nf_conntrack slab? One pointer comparison once known.
 #[inline(always)]
-fn is_conntrack_cache(ctx: &BtfTracePointContext, cache: u64) -> bool {
+fn is_conntrack_cache(ctx: &RawTracePointContext, cache: u64) -> bool {
     let Some(known) = CT_CACHE.get_ptr_mut(0) else { return false };
     let known_val = unsafe { *known };
     if known_val != 0 {
@@ -396,8 +399,8 @@ fn is_conntrack_cache(ctx: &BtfTracePointContext, cache: u64) -> bool {
     true
 }
 
-#[btf_tracepoint(function = "kmem_cache_alloc")]
-pub fn ctg_ct_alloc(ctx: BtfTracePointContext) -> i32 {
+#[raw_tracepoint(tracepoint = "kmem_cache_alloc")]
+pub fn ctg_ct_alloc(ctx: RawTracePointContext) -> i32 {
     // TP_PROTO(call_site, ptr, s, gfp_flags, node)
     let cache: u64 = ctx.arg(2);
     if !is_conntrack_cache(&ctx, cache) {
@@ -421,8 +424,8 @@ pub fn ctg_ct_alloc(ctx: BtfTracePointContext) -> i32 {
     0
 }
 
-#[btf_tracepoint(function = "kmem_cache_free")]
-pub fn ctg_ct_free(ctx: BtfTracePointContext) -> i32 {
+#[raw_tracepoint(tracepoint = "kmem_cache_free")]
+pub fn ctg_ct_free(ctx: RawTracePointContext) -> i32 {
     // TP_PROTO(call_site, ptr, s)
     let cache: u64 = ctx.arg(2);
     if !is_conntrack_cache(&ctx, cache) {

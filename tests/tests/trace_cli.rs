@@ -60,7 +60,13 @@ fn trace_json_shows_table_full_drops_during_a_flood() {
     assert_eq!(summary["drops"]["table_full"], kernel_drops);
     assert_eq!(summary["drops"]["ruleset"], 20);
     assert_eq!(summary["events_lost"], 0);
-    let rec = summary["reconciliation"].as_array().unwrap().iter().find(|r| r["netns"] == inode).expect("row");
+    let inode_num: u64 = inode.parse().unwrap();
+    let rec = summary["reconciliation"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["netns"].as_u64() == Some(inode_num))
+        .unwrap_or_else(|| panic!("no reconciliation row for netns {inode}: {summary}"));
     assert_eq!(rec["kernel_drop"], kernel_drops);
     assert_eq!(rec["exact"], true, "{rec}");
 }

@@ -34,8 +34,8 @@ pub fn choose(probes: &[Probe], facts: &KernelFacts) -> BackendChoice {
     if !facts.vmlinux_btf {
         return none("the kernel has no BTF (/sys/kernel/btf/vmlinux): ctguard cannot resolve struct layouts");
     }
-    if !works(HookKind::TpBtf) {
-        return none("tp_btf programs do not load: the tracepoint backend needs them");
+    if !works(HookKind::RawTp) {
+        return none("raw_tp programs do not load: the tracepoint backend needs them");
     }
     if !facts.kfree_skb_has_reason {
         return none("skb:kfree_skb has no drop reason on this kernel (needs 5.15.58+)");
@@ -44,9 +44,9 @@ pub fn choose(probes: &[Probe], facts: &KernelFacts) -> BackendChoice {
         return BackendChoice {
             backend: "function_hooks",
             sensors: vec![
-                SensorPlan { sensor: "drops", hooks: "tp_btf skb:kfree_skb + kretprobes __nf_conntrack_alloc / __nf_conntrack_confirm (certain cause, refused tuple)" },
+                SensorPlan { sensor: "drops", hooks: "raw_tp skb:kfree_skb + kretprobes __nf_conntrack_alloc / __nf_conntrack_confirm (certain cause, refused tuple)" },
                 SensorPlan { sensor: "new entries", hooks: "kprobe + kretprobe __nf_conntrack_alloc" },
-                SensorPlan { sensor: "removed entries", hooks: "tp_btf kmem:kmem_cache_free on the nf_conntrack slab" },
+                SensorPlan { sensor: "removed entries", hooks: "raw_tp kmem:kmem_cache_free on the nf_conntrack slab" },
                 SensorPlan { sensor: "evictions", hooks: "kprobe/kretprobe early_drop + kretprobe nf_ct_delete" },
             ],
             reason: "kprobes work and every hooked conntrack function is in kallsyms (fentry on module functions is not used: \
@@ -62,10 +62,10 @@ pub fn choose(probes: &[Probe], facts: &KernelFacts) -> BackendChoice {
     BackendChoice {
         backend: "tracepoint",
         sensors: vec![
-            SensorPlan { sensor: "drops", hooks: "tp_btf skb:kfree_skb (reason NETFILTER_DROP)" },
-            SensorPlan { sensor: "new/removed entries", hooks: "tp_btf kmem:kmem_cache_alloc / kmem_cache_free on the nf_conntrack slab" },
+            SensorPlan { sensor: "drops", hooks: "raw_tp skb:kfree_skb (reason NETFILTER_DROP)" },
+            SensorPlan { sensor: "new/removed entries", hooks: "raw_tp kmem:kmem_cache_alloc / kmem_cache_free on the nf_conntrack slab" },
         ],
-        reason: format!("tp_btf works and the kernel has BTF; function hooks unavailable: {why_not}"),
+        reason: format!("raw tracepoints work and the kernel has BTF; function hooks unavailable: {why_not}"),
     }
 }
 
@@ -92,7 +92,7 @@ mod tests {
 
     #[test]
     fn locked_down_kernel_uses_tracepoints_and_says_why() {
-        let c = choose(&[probe(HookKind::TpBtf, true), probe(HookKind::Kprobe, false)], &good());
+        let c = choose(&[probe(HookKind::RawTp, true), probe(HookKind::Kprobe, false)], &good());
         assert_eq!(c.backend, "tracepoint");
         assert!(c.reason.contains("kprobes do not work"), "{}", c.reason);
         assert_eq!(c.sensors.len(), 2);
@@ -100,18 +100,18 @@ mod tests {
 
     #[test]
     fn distro_kernel_uses_function_hooks() {
-        let c = choose(&[probe(HookKind::TpBtf, true), probe(HookKind::Kprobe, true)], &good());
+        let c = choose(&[probe(HookKind::RawTp, true), probe(HookKind::Kprobe, true)], &good());
         assert_eq!(c.backend, "function_hooks");
         let inlined = KernelFacts { missing_functions: vec!["early_drop"], ..good() };
-        let c = choose(&[probe(HookKind::TpBtf, true), probe(HookKind::Kprobe, true)], &inlined);
+        let c = choose(&[probe(HookKind::RawTp, true), probe(HookKind::Kprobe, true)], &inlined);
         assert_eq!(c.backend, "tracepoint");
         assert!(c.reason.contains("early_drop"), "{}", c.reason);
     }
 
     #[test]
-    fn no_backend_without_tp_btf_btf_or_reason() {
-        assert_eq!(choose(&[probe(HookKind::TpBtf, false)], &good()).backend, "none");
-        assert_eq!(choose(&[probe(HookKind::TpBtf, true)], &KernelFacts { vmlinux_btf: false, ..good() }).backend, "none");
-        assert_eq!(choose(&[probe(HookKind::TpBtf, true)], &KernelFacts { kfree_skb_has_reason: false, ..good() }).backend, "none");
+    fn no_backend_without_raw_tp_btf_or_reason() {
+        assert_eq!(choose(&[probe(HookKind::RawTp, false)], &good()).backend, "none");
+        assert_eq!(choose(&[probe(HookKind::RawTp, true)], &KernelFacts { vmlinux_btf: false, ..good() }).backend, "none");
+        assert_eq!(choose(&[probe(HookKind::RawTp, true)], &KernelFacts { kfree_skb_has_reason: false, ..good() }).backend, "none");
     }
 }

@@ -48,6 +48,10 @@ pub struct ConntrackReport {
     pub max: Option<u64>,
     /// Entries exist or counters moved here: some rule uses conntrack.
     pub active_here: bool,
+    /// doctor loaded the nf_conntrack module just now (as the sensors would).
+    pub module_loaded_now: bool,
+    /// Why loading the module failed, if it did.
+    pub module_load_error: Option<String>,
 }
 
 pub fn run(args: &DoctorArgs) -> anyhow::Result<ExitCode> {
@@ -71,6 +75,9 @@ pub fn collect() -> Report {
         .and_then(|b| b.tracepoint_arg_count("kfree_skb"))
         .is_ok_and(|n| n >= 3);
     let btf = if vmlinux { aya::Btf::from_sys_fs().ok() } else { None };
+    // Loading the module (if needed) is what the sensors would do too; the
+    // report then shows the backend they would really use.
+    let loaded_module = system::ensure_conntrack_loaded();
     let placement = probes::conntrack_placement();
     let probes = probes::run_all(btf.as_ref(), placement);
     let missing_functions = crate::kernel::kallsyms::Kallsyms::read()
@@ -93,7 +100,11 @@ pub fn collect() -> Report {
             nf_conntrack_module: std::path::Path::new("/sys/kernel/btf/nf_conntrack").exists(),
             kfree_skb_has_reason,
         },
-        conntrack: conntrack_here(placement),
+        conntrack: ConntrackReport {
+            module_loaded_now: *loaded_module.as_ref().unwrap_or(&false),
+            module_load_error: loaded_module.as_ref().err().map(|e| e.to_string()),
+            ..conntrack_here(placement)
+        },
         probes,
         backend,
         sensors_load,
@@ -115,5 +126,7 @@ fn conntrack_here(placement: ConntrackPlacement) -> ConntrackReport {
         entries,
         max: read_u64("/proc/sys/net/netfilter/nf_conntrack_max"),
         active_here: entries.is_some_and(|n| n > 0) || moved,
+        module_loaded_now: false,
+        module_load_error: None,
     }
 }

@@ -9,7 +9,7 @@ use crate::kernel::kallsyms::Kallsyms;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum Backend {
-    /// tp_btf on skb:kfree_skb and kmem:kmem_cache_alloc/free: works on every
+    /// raw_tp on skb:kfree_skb and kmem:kmem_cache_alloc/free: works on every
     /// kernel with BTF, including locked-down ones.
     Tracepoint,
     /// kprobes/kretprobes on nf_conntrack's functions (__nf_conntrack_alloc,

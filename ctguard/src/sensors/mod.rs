@@ -1,7 +1,7 @@
 //! Loads ctguard's kernel programs, attaches them, and reads what they count.
 //!
 //! The tracepoint backend (the only one this module implements) works on every
-//! kernel with BTF and tp_btf, including locked-down ones:
+//! kernel with BTF and raw tracepoints, including locked-down ones:
 //! `skb:kfree_skb` for drops, `kmem:kmem_cache_alloc/free` on the nf_conntrack
 //! slab for new and removed entries. Totals always come from the per-CPU maps,
 //! never from event delivery.
@@ -12,9 +12,9 @@ pub mod prog_stats;
 pub mod snapshot;
 
 use aya::{
-    Btf, Ebpf, EbpfLoader,
+    Ebpf, EbpfLoader,
     maps::{MapData, PerCpuArray, PerCpuHashMap, RingBuf},
-    programs::{BtfTracePoint, KProbe, RawTracePoint, RawTracePointRunOptions, TestRun},
+    programs::{KProbe, RawTracePoint, RawTracePointRunOptions, TestRun},
 };
 use ctguard_ebpf::{ChurnKey, ChurnValue, DropKey, counter, key_mode};
 
@@ -117,7 +117,7 @@ pub struct Sensors {
 /// interrupts its CPU; it is keyed at the next flush instead.
 const FLUSH_MIN_AGE_NS: u64 = 200_000;
 
-/// tp_btf programs and their tracepoints, per backend.
+/// Raw tracepoint programs and their tracepoints, per backend.
 const TRACEPOINT_PROGRAMS: [(&str, &str); 3] =
     [("ctg_kfree_skb", "kfree_skb"), ("ctg_ct_alloc", "kmem_cache_alloc"), ("ctg_ct_free", "kmem_cache_free")];
 /// The function-hook backend keys new entries at __nf_conntrack_alloc's
@@ -136,6 +136,9 @@ const FUNCTION_HOOKS: [(&str, &str); 6] = [
 impl Sensors {
     pub fn start(opts: &SensorOptions) -> Result<Self, CtguardError> {
         system::require_bpf_caps()?;
+        if system::ensure_conntrack_loaded()? {
+            log::info!("loaded the nf_conntrack module (it tracks nothing until a rule uses it)");
+        }
         let layout = Layout::for_running_kernel()?;
         let key_mode = opts.key_mode.kernel_value();
         let emit = u8::from(opts.emit_new_events);
@@ -157,19 +160,18 @@ impl Sensors {
         let mut ebpf = loader.load(object_bytes()).map_err(|e| {
             CtguardError::ebpf(format!("loading the kernel programs failed: {e}"), "run `ctguard doctor` to see which hooks this kernel allows")
         })?;
-        let btf = Btf::from_sys_fs().map_err(|e| CtguardError::Btf { what: e.to_string() })?;
         let facts = backend::probe_host(&Kallsyms::read()?);
         let (backend, backend_reason) = backend::choose(opts.backend, &facts)
             .map_err(|e| CtguardError::usage(e, "use --backend auto or --backend tracepoint"))?;
         match backend {
             Backend::Tracepoint => {
                 for (prog, tracepoint) in TRACEPOINT_PROGRAMS {
-                    attach_tp_btf(&mut ebpf, prog, tracepoint, &btf)?;
+                    attach_raw_tp(&mut ebpf, prog, tracepoint)?;
                 }
             }
             Backend::FunctionHooks => {
                 for (prog, tracepoint) in FUNCTION_BACKEND_TRACEPOINTS {
-                    attach_tp_btf(&mut ebpf, prog, tracepoint, &btf)?;
+                    attach_raw_tp(&mut ebpf, prog, tracepoint)?;
                 }
                 for (prog, function) in FUNCTION_HOOKS {
                     let p: &mut KProbe = program(&mut ebpf, prog)?;
@@ -308,10 +310,10 @@ fn load_error(prog: &str, e: aya::programs::ProgramError) -> CtguardError {
     )
 }
 
-fn attach_tp_btf(ebpf: &mut Ebpf, prog: &str, tracepoint: &str, btf: &Btf) -> Result<(), CtguardError> {
-    let p: &mut BtfTracePoint = program(ebpf, prog)?;
-    p.load(tracepoint, btf).map_err(|e| load_error(prog, e))?;
-    p.attach().map_err(|e| load_error(prog, e))?;
+fn attach_raw_tp(ebpf: &mut Ebpf, prog: &str, tracepoint: &str) -> Result<(), CtguardError> {
+    let p: &mut RawTracePoint = program(ebpf, prog)?;
+    p.load().map_err(|e| load_error(prog, e))?;
+    p.attach(tracepoint).map_err(|e| load_error(prog, e))?;
     Ok(())
 }
 
