@@ -1,5 +1,7 @@
-//! `cargo xtask demo`: set up, build ctguard in release mode, and show what it
-//! sees on this host (`ctguard doctor`, then `ctguard status --netns all`).
+//! `cargo xtask demo`: set up, build ctguard in release mode, show what this
+//! kernel allows (`ctguard doctor`), then run the lab: a throw-away conntrack
+//! table filled, every drop caught and explained, the fix applied
+//! (`ctguard lab`, non-interactive unless stdin is a terminal).
 use std::process::ExitCode;
 
 use anyhow::{Context as _, Result};
@@ -14,6 +16,8 @@ pub fn run() -> Result<ExitCode> {
 
     let root = util::workspace_root();
     step("demo 1/3: building ctguard (release)");
+    // The lab waits for Enter between acts only when a person is watching.
+    let lab: &[&str] = if std::io::IsTerminal::is_terminal(&std::io::stdin()) { &["lab"] } else { &["lab", "--script"] };
     util::run(cmd(util::cargo(), ["build", "--release", "-p", "ctguard"]).current_dir(&root))?;
     let ctguard = root.join("target/release/ctguard");
 
@@ -22,7 +26,7 @@ pub fn run() -> Result<ExitCode> {
         note("CAP_NET_ADMIN) to load its probes and enter network namespaces, so expect errors");
     }
 
-    let runs: [(&str, &[&str]); 2] = [("doctor", &["doctor"]), ("status", &["status", "--netns", "all"])];
+    let runs: [(&str, &[&str]); 2] = [("doctor", &["doctor"]), ("lab", lab)];
     let mut warned = false;
     for (i, (name, args)) in runs.iter().enumerate() {
         step(format!("demo {}/3: ctguard {}", i + 2, args.join(" ")));
