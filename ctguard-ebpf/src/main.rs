@@ -650,8 +650,11 @@ struct Verdict {
 const VERDICT_NONE: u32 = 0;
 const VERDICT_REFUSED: u32 = 1;
 const VERDICT_CONFIRM_FAILED: u32 = 2;
-/// A verdict older than this belongs to another packet.
-const VERDICT_MAX_AGE_NS: u64 = 1_000_000;
+/// A verdict older than this belongs to another packet. The refused packet
+/// is freed in the same call chain right after the verdict (microseconds on
+/// hardware; emulated CPUs take far longer), so this is only a safety net for
+/// a verdict no packet followed (e.g. a ctnetlink create that was refused).
+const VERDICT_MAX_AGE_NS: u64 = 100_000_000;
 
 #[map]
 static VERDICTS: PerCpuArray<Verdict> = PerCpuArray::with_max_entries(1, 0);

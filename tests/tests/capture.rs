@@ -364,7 +364,9 @@ fn a_quiet_run_fires_nothing_and_exit_statuses_are_propagated() {
     let (code, stderr, _, elapsed) = run.finish(Duration::from_secs(30));
     assert_eq!(code, Some(0), "nothing fired: exit 0\n{stderr}");
     assert!(stderr.contains("no trigger fired"), "{stderr}");
-    assert!(elapsed < 15.0, "--duration 2s bounds the run: {elapsed}s");
+    // Generous: loading the programs takes seconds under an emulated CPU (vm tier).
+    let bound = if std::env::var_os("CTGUARD_VM_KERNEL").is_some() { 90.0 } else { 15.0 };
+    assert!(elapsed < bound, "--duration 2s bounds the run: {elapsed}s");
     assert!(!dir.exists(), "no bundle directory without a trigger");
 
     let run = Running::start(&base.iter().copied().chain(["--", "sh", "-c", "exit 7"]).collect::<Vec<_>>());
@@ -381,7 +383,7 @@ fn a_quiet_run_fires_nothing_and_exit_statuses_are_propagated() {
         Running::start(&base.iter().copied().chain(["--duration", "1s", "--", "sleep", "30"]).collect::<Vec<_>>());
     let (code, stderr, _, elapsed) = run.finish(Duration::from_secs(30));
     assert_eq!(code, Some(143), "the bound stops the command\n{stderr}");
-    assert!(elapsed < 10.0, "{elapsed}");
+    assert!(elapsed < 29.0, "stopped before `sleep 30` ended on its own: {elapsed}s");
     assert!(!dir.exists());
 }
 

@@ -88,13 +88,21 @@ fn top_terminal_view_shows_the_ports_and_restores_the_terminal() {
         }
     }
     let _kill = Kill(session.clone());
-    std::thread::sleep(Duration::from_secs(2));
+    // Poll the screen: loading the programs takes a while on slow (emulated) CPUs.
+    let wait_for = |needles: &[&str], secs: u64| {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let screen = tmux(&["capture-pane", "-p", "-t", &session]);
+            if needles.iter().all(|n| screen.contains(n)) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "screen lacks one of {needles:?} after {secs}s:\n{screen}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    wait_for(&["ctguard top", "conntrack tables", "drops/s"], 90);
     flood_for(&lab, 2);
-    std::thread::sleep(Duration::from_millis(800));
-    let screen = tmux(&["capture-pane", "-p", "-t", &session]);
-    for needle in ["ctguard top", "7100/udp", "7200/udp", "7300/udp", "conntrack tables", "drops/s"] {
-        assert!(screen.contains(needle), "screen lacks {needle:?}:\n{screen}");
-    }
+    wait_for(&["7100/udp", "7200/udp", "7300/udp"], 30);
     tmux(&["send-keys", "-t", &session, "q"]);
     let deadline = Instant::now() + Duration::from_secs(10);
     while !stty_file.exists() && Instant::now() < deadline {
