@@ -104,11 +104,14 @@ fn top_terminal_view_shows_the_ports_and_restores_the_terminal() {
     flood_for(&lab, 2);
     wait_for(&["7100/udp", "7200/udp", "7300/udp"], 30);
     tmux(&["send-keys", "-t", &session, "q"]);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !stty_file.exists() && Instant::now() < deadline {
+    // The shell creates the file before stty has written to it: wait for content.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut stty = String::new();
+    while !stty.contains("icanon") && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(100));
+        stty = std::fs::read_to_string(&stty_file).unwrap_or_default();
     }
-    let stty = std::fs::read_to_string(&stty_file).expect("top quit and the shell ran stty");
+    assert!(stty.contains("icanon"), "top did not quit, or the shell never ran stty: {stty:?}");
     let _ = std::fs::remove_file(&stty_file);
     // Raw mode is off again: canonical input and echo are back.
     assert!(stty.contains(" icanon") && !stty.contains("-icanon"), "{stty}");

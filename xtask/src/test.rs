@@ -33,9 +33,11 @@ pub enum TierChoice {
     /// The integration tests that load the eBPF programs in network namespaces (root),
     /// except the `vm_*` ones.
     Privileged,
+    /// A short smoke run of the benchmark harness (`cargo xtask bench --smoke`, root).
+    BenchSmoke,
     /// The whole integration suite under stock Debian kernels in qemu (`cargo xtask vm-test`).
     Vm,
-    /// All three, in that order.
+    /// All of them: unit, privileged, bench-smoke, vm.
     All,
 }
 
@@ -43,6 +45,7 @@ pub enum TierChoice {
 pub enum Tier {
     Unit,
     Privileged,
+    BenchSmoke,
     Vm,
 }
 
@@ -54,6 +57,7 @@ impl Tier {
         match self {
             Tier::Unit => "unit + CLI",
             Tier::Privileged => "privileged integration",
+            Tier::BenchSmoke => "benchmark smoke run",
             Tier::Vm => "vm (Debian kernels)",
         }
     }
@@ -68,7 +72,7 @@ impl Tier {
                     .map(String::from)
                     .to_vec()
             }
-            Tier::Vm => return None,
+            Tier::BenchSmoke | Tier::Vm => return None,
         };
         if !extra.is_empty() {
             if !args.iter().any(|a| a == "--") {
@@ -85,8 +89,9 @@ impl TierChoice {
         match self {
             TierChoice::Unit => vec![Tier::Unit],
             TierChoice::Privileged => vec![Tier::Privileged],
+            TierChoice::BenchSmoke => vec![Tier::BenchSmoke],
             TierChoice::Vm => vec![Tier::Vm],
-            TierChoice::All => vec![Tier::Unit, Tier::Privileged, Tier::Vm],
+            TierChoice::All => vec![Tier::Unit, Tier::Privileged, Tier::BenchSmoke, Tier::Vm],
         }
     }
 }
@@ -153,8 +158,16 @@ pub fn closing_line(passed: usize, failed: usize) -> String {
 }
 
 fn run_tier(tier: Tier, extra: &[String]) -> Result<()> {
-    if tier == Tier::Privileged {
+    if matches!(tier, Tier::Privileged | Tier::BenchSmoke) {
         privileged_preflight()?;
+    }
+    if tier == Tier::BenchSmoke {
+        // Benchmarks are not timed tests: CI only checks the harness works end to end.
+        let code = crate::bench::run(&crate::bench::BenchArgs { smoke: true, repeats: None, out: None })?;
+        if code != ExitCode::SUCCESS {
+            bail!("the benchmark smoke run failed");
+        }
+        return Ok(());
     }
     let Some(args) = tier.cargo_args(extra) else {
         return crate::vm::run_for_tier(extra);
@@ -236,7 +249,7 @@ mod tests {
 
     #[test]
     fn tier_choice_orders_tiers() {
-        assert_eq!(TierChoice::All.tiers(), [Tier::Unit, Tier::Privileged, Tier::Vm]);
+        assert_eq!(TierChoice::All.tiers(), [Tier::Unit, Tier::Privileged, Tier::BenchSmoke, Tier::Vm]);
         assert_eq!(TierChoice::Vm.tiers(), [Tier::Vm]);
         assert_eq!(TierChoice::Unit.tiers(), [Tier::Unit]);
         assert_eq!(TierChoice::Privileged.tiers(), [Tier::Privileged]);
