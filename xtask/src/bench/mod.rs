@@ -148,6 +148,7 @@ pub fn run(args: &BenchArgs) -> Result<ExitCode> {
     drop(ctx);
     drop(lab);
     results.total_s = started.elapsed().as_secs_f64();
+    results.machine.load_after = loadavg();
 
     step("bench 7/7: report");
     let md = report::render(&results);
@@ -236,13 +237,44 @@ fn machine(ctguard: &Path, root: &Path) -> Machine {
         ctguard_version: first_line_of(&mut cmd(ctguard, ["--version"])),
         git_rev: if dirty { format!("commit {rev} + uncommitted changes") } else { format!("commit {rev}") },
         backend: String::new(),
+        hooks: doctor_hooks(ctguard),
         conntrack_version: first_line_of(&mut cmd("conntrack", ["--version"])),
         bpftrace_version: util::probe(&mut cmd("bpftrace", ["--version"]))
             .map(|s| util::first_line(&s).to_string())
             .unwrap_or_else(|| "bpftrace not installed".into()),
         nf_conntrack_max: env::read_sysctl("net.netfilter.nf_conntrack_max").unwrap_or_default(),
         nf_conntrack_buckets: env::read_sysctl("net.netfilter.nf_conntrack_buckets").unwrap_or_default(),
+        load_before: loadavg(),
+        load_after: String::new(),
     }
+}
+
+/// What `ctguard doctor` says the sensors hook here: its indented `drops`
+/// and `new/removed entries` lines, spaces collapsed.
+fn doctor_hooks(ctguard: &Path) -> Vec<String> {
+    // doctor exits 1 on warnings; its report is what matters.
+    let Ok(out) = cmd(ctguard, ["doctor"]).stdin(std::process::Stdio::null()).output() else { return Vec::new() };
+    hook_lines(&String::from_utf8_lossy(&out.stdout))
+}
+
+fn hook_lines(doctor: &str) -> Vec<String> {
+    doctor
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with("drops ") || l.starts_with("new/removed entries "))
+        .map(|l| {
+            let (what, how) = l.split_once("  ").unwrap_or((l, ""));
+            format!("{what}: {}", how.trim())
+        })
+        .collect()
+}
+
+/// The 1-minute load average.
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().map(str::to_string))
+        .unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -280,6 +312,19 @@ mod tests {
         assert_eq!(a.plan().repeats, 2);
         assert_eq!(a.out_path(Path::new("/w")), Some(PathBuf::from("/tmp/b.md")));
         assert_eq!(a.command(), "cargo xtask bench --smoke --repeats 2");
+    }
+
+    #[test]
+    fn doctor_hook_lines() {
+        let doctor = "kernel        6.18\n\nsensor backend     tracepoint\n  drops                raw_tp skb:kfree_skb (reason NETFILTER_DROP)\n  \
+                      new/removed entries  raw_tp kmem:kmem_cache_alloc / kmem_cache_free on the nf_conntrack slab\n  why: raw tracepoints work\n";
+        assert_eq!(
+            hook_lines(doctor),
+            [
+                "drops: raw_tp skb:kfree_skb (reason NETFILTER_DROP)",
+                "new/removed entries: raw_tp kmem:kmem_cache_alloc / kmem_cache_free on the nf_conntrack slab"
+            ]
+        );
     }
 
     #[test]

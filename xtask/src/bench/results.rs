@@ -117,10 +117,16 @@ pub struct Machine {
     pub ctguard_version: String,
     pub git_rev: String,
     pub backend: String,
+    /// The hook lines of `ctguard doctor` ("new/removed entries  raw_tp …").
+    pub hooks: Vec<String>,
     pub conntrack_version: String,
     pub bpftrace_version: String,
     pub nf_conntrack_max: String,
     pub nf_conntrack_buckets: String,
+    /// /proc/loadavg's 1-minute figure before and after the run: how busy
+    /// the rest of the machine was.
+    pub load_before: String,
+    pub load_after: String,
 }
 
 /// The sizes a run uses.

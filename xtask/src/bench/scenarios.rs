@@ -194,6 +194,22 @@ impl Ctx<'_> {
         note(s);
     }
 
+    /// [`Ctx::run`], logged; a failure of one of the alternatives (not of
+    /// ctguard, not an interrupt) is noted and the run skipped.
+    fn run_or_skip(&mut self, section: &str, cond: Cond, round: usize, opts: RunOpts) -> Result<Option<Run>> {
+        match self.run(cond, round, opts) {
+            Ok(r) => {
+                self.log_run(section, &r);
+                Ok(Some(r))
+            }
+            Err(e) if matches!(cond, Cond::ConntrackEvents | Cond::Bpftrace) && env::interrupted().is_ok() => {
+                self.note(format!("{section} round {}: {} failed, run skipped: {e:#}", round + 1, cond.short()));
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     /// Sections 1–3 (live part): the same load with nothing, top, trace,
     /// conntrack -E and bpftrace, interleaved round by round.
     pub fn overhead(&mut self, conds: &[Cond]) -> Result<Vec<Run>> {
@@ -205,9 +221,10 @@ impl Ctx<'_> {
         let mut runs = Vec::new();
         for round in 0..self.plan.repeats {
             for &cond in conds {
-                let r = self.run(cond, round, RunOpts { flows, lowered_max: None, frame_after: false })?;
-                self.log_run("overhead", &r);
-                runs.push(r);
+                let opts = RunOpts { flows, lowered_max: None, frame_after: false };
+                if let Some(r) = self.run_or_skip("overhead", cond, round, opts)? {
+                    runs.push(r);
+                }
             }
         }
         Ok(runs)
@@ -243,9 +260,10 @@ impl Ctx<'_> {
         let mut runs = Vec::new();
         for round in 0..self.plan.repeats {
             for &cond in conds {
-                let r = self.run(cond, round, RunOpts { flows, lowered_max: None, frame_after: true })?;
-                self.log_run("cost", &r);
-                runs.push(r);
+                let opts = RunOpts { flows, lowered_max: None, frame_after: true };
+                if let Some(r) = self.run_or_skip("cost", cond, round, opts)? {
+                    runs.push(r);
+                }
             }
         }
         Ok(runs)

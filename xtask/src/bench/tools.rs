@@ -100,15 +100,20 @@ impl Proc {
     /// the process exits first or `limit` passes.
     pub fn wait_line(&mut self, on_stderr: bool, limit: Duration, pred: impl Fn(&str) -> bool) -> Result<()> {
         let deadline = Instant::now() + limit;
+        let found = |p: &Proc| {
+            let lines = if on_stderr { &p.stderr } else { &p.stdout };
+            lines.lock().unwrap_or_else(PoisonError::into_inner).iter().any(|(_, l)| pred(l))
+        };
         loop {
-            let found = {
-                let lines = if on_stderr { &self.stderr } else { &self.stdout };
-                lines.lock().unwrap_or_else(PoisonError::into_inner).iter().any(|(_, l)| pred(l))
-            };
-            if found {
+            if found(self) {
                 return Ok(());
             }
             if let Some(st) = self.exited()? {
+                // Its last lines may still be on their way through the readers.
+                self.join_readers();
+                if found(self) {
+                    return Ok(());
+                }
                 bail!(
                     "{} exited ({}) before it was ready: {}",
                     self.what,
@@ -143,10 +148,16 @@ impl Proc {
                 std::thread::sleep(Duration::from_millis(10));
             }
         }
+        self.join_readers();
+        Ok(self.status.expect("set above"))
+    }
+
+    /// Waits for the reader threads to reach the end of the pipes (call once
+    /// the process has exited).
+    fn join_readers(&mut self) {
         for r in self.readers.drain(..) {
             let _ = r.join();
         }
-        Ok(self.status.expect("set above"))
     }
 
     /// Waits for the process to exit by itself (interruptible).
@@ -158,9 +169,7 @@ impl Proc {
             }
             env::sleep(Duration::from_millis(5))?;
         }
-        for r in self.readers.drain(..) {
-            let _ = r.join();
-        }
+        self.join_readers();
         Ok(self.status.expect("set above"))
     }
 }
@@ -296,14 +305,15 @@ pub fn probe_bpftrace() -> Result<&'static str, String> {
     let mut last = String::new();
     for arg in ["args.", "args->"] {
         let prog = bpftrace_program(arg).replace("printf(\"ready\\n\");", "exit();");
-        let out = cmd("bpftrace", ["-e", &prog]).stdin(Stdio::null()).output();
-        match out {
-            Ok(o) if o.status.success() => return Ok(arg),
-            Ok(o) => {
-                let err = String::from_utf8_lossy(&o.stderr);
-                last = err.lines().filter(|l| !l.trim().is_empty()).take(4).collect::<Vec<_>>().join(" / ");
+        let tried = Proc::spawn("bpftrace", cmd("bpftrace", ["-e", &prog]), Out::Lines)
+            .and_then(|mut p| Ok((p.wait(Duration::from_secs(60))?, p.stderr_text())));
+        match tried {
+            Ok((st, _)) if st.success() => return Ok(arg),
+            Ok((st, err)) => {
+                let err: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).take(4).collect();
+                last = format!("{} ({})", err.join(" / "), util::describe(st));
             }
-            Err(e) => last = e.to_string(),
+            Err(e) => last = format!("{e:#}"),
         }
     }
     Err(format!("bpftrace could not load the one-liner: {last}"))
