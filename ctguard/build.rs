@@ -5,9 +5,7 @@ use anyhow::{Context as _, anyhow};
 
 fn main() -> anyhow::Result<()> {
     let metadata_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../ctguard-ebpf");
-    let root_dir = metadata_dir
-        .canonicalize()
-        .context("ctguard-ebpf crate not found next to ctguard")?;
+    let root_dir = metadata_dir.canonicalize().context("ctguard-ebpf crate not found next to ctguard")?;
     let root_dir = root_dir.to_str().ok_or_else(|| anyhow!("non-UTF-8 path"))?;
     let package = aya_build::Package { name: "ctguard-ebpf", root_dir, ..Default::default() };
     aya_build::build_ebpf([package], aya_build::Toolchain::default()).context(

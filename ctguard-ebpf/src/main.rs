@@ -23,14 +23,14 @@ use aya_ebpf::{
     macros::{btf_tracepoint, fentry, fexit, kprobe, kretprobe, map, raw_tracepoint, tracepoint},
     maps::{Array, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{
-        BtfTracePointContext, FEntryContext, FExitContext, ProbeContext, RawTracePointContext,
-        RetProbeContext, TracePointContext,
+        BtfTracePointContext, FEntryContext, FExitContext, ProbeContext, RawTracePointContext, RetProbeContext,
+        TracePointContext,
     },
 };
 use aya_log_ebpf::info;
 use ctguard_ebpf::{
-    ChurnKey, ChurnValue, DropKey, Event, FlowTuple, MAX_CAPTURE, PacketEvent, CTINFO_NONE, cause,
-    confidence, counter, event_kind, key_mode,
+    CTINFO_NONE, ChurnKey, ChurnValue, DropKey, Event, FlowTuple, MAX_CAPTURE, PacketEvent, cause, confidence, counter,
+    event_kind, key_mode,
 };
 
 // ---------------------------------------------------------------------------
@@ -194,11 +194,8 @@ fn on_netfilter_drop(skb: u64, location: u64) {
     }
 
     let dev: u64 = read(skb, g(&OFF_SKB_DEV));
-    let (ifindex, mut net) = if dev != 0 {
-        (read::<u32>(dev, g(&OFF_DEV_IFINDEX)), read::<u64>(dev, g(&OFF_DEV_NET)))
-    } else {
-        (0, 0)
-    };
+    let (ifindex, mut net) =
+        if dev != 0 { (read::<u32>(dev, g(&OFF_DEV_IFINDEX)), read::<u64>(dev, g(&OFF_DEV_NET))) } else { (0, 0) };
     if net == 0 {
         let sk: u64 = read(skb, g(&OFF_SKB_SK));
         if sk != 0 {
@@ -713,11 +710,7 @@ pub fn fh_alloc_exit(ctx: RetProbeContext) -> u32 {
         }
         (*f).depth -= 1;
         let d = (*f).depth as usize;
-        if d >= ALLOC_DEPTH {
-            (0, 0)
-        } else {
-            ((*f).net[d], (*f).orig[d])
-        }
+        if d >= ALLOC_DEPTH { (0, 0) } else { ((*f).net[d], (*f).orig[d]) }
     };
     // ERR_PTR values are the top 4095 addresses.
     if ret >= (-4095i64) as u64 {

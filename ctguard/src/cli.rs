@@ -4,7 +4,10 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::{sensors::{KeyMode, snapshot::Cause}, util::Cidr};
+use crate::{
+    sensors::{KeyMode, snapshot::Cause},
+    util::Cidr,
+};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -25,7 +28,9 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    #[command(about = "What this kernel allows: BTF, lockdown, which hook kinds load, which sensor backend ctguard uses.")]
+    #[command(
+        about = "What this kernel allows: BTF, lockdown, which hook kinds load, which sensor backend ctguard uses."
+    )]
     Doctor(DoctorArgs),
     #[command(about = "Conntrack table occupancy, counters, timeouts and memory per network namespace.")]
     Status(StatusArgs),
@@ -33,7 +38,9 @@ pub enum Command {
     Trace(TraceArgs),
     #[command(about = "Live view of conntrack churn and drops: fill gauges, rates by cause, top keys.")]
     Top(TopArgs),
-    #[command(about = "Sizing advice (max, buckets, timeouts) from RAM, kernel defaults and observed churn; --apply with backup.")]
+    #[command(
+        about = "Sizing advice (max, buckets, timeouts) from RAM, kernel defaults and observed churn; --apply with backup."
+    )]
     Recommend(crate::recommend::RecommendArgs),
     #[command(about = "Restore the conntrack settings saved by `recommend --apply`.")]
     Rollback(crate::recommend::RollbackArgs),
@@ -41,7 +48,9 @@ pub enum Command {
     Bypass(crate::bypass::BypassArgs),
     #[command(about = "Self-contained demo in throw-away namespaces (and `lab flood`, the load generator).")]
     Lab(crate::lab::LabArgs),
-    #[command(about = "Triggered captures during load tests: pcapng of dropped packets' headers, events, stats and a summary around a trigger; can wrap the load-test command.")]
+    #[command(
+        about = "Triggered captures during load tests: pcapng of dropped packets' headers, events, stats and a summary around a trigger; can wrap the load-test command."
+    )]
     Capture(crate::capture::CaptureArgs),
 }
 

@@ -4,16 +4,24 @@ use thiserror::Error;
 
 #[derive(Debug, Error)]
 pub enum CtguardError {
-    #[error("{what}\n  hint: run ctguard as root, or grant it CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN (plus CAP_SYS_ADMIN to enter other network namespaces)")]
+    #[error(
+        "{what}\n  hint: run ctguard as root, or grant it CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN (plus CAP_SYS_ADMIN to enter other network namespaces)"
+    )]
     Privileges { what: String },
 
-    #[error("kernel BTF: {what}\n  hint: ctguard needs a kernel built with CONFIG_DEBUG_INFO_BTF=y; `ctguard doctor` shows what this kernel offers")]
+    #[error(
+        "kernel BTF: {what}\n  hint: ctguard needs a kernel built with CONFIG_DEBUG_INFO_BTF=y; `ctguard doctor` shows what this kernel offers"
+    )]
     Btf { what: String },
 
-    #[error("kernel symbols: {what}\n  hint: run as root with kernel.kptr_restrict <= 1 so /proc/kallsyms shows addresses")]
+    #[error(
+        "kernel symbols: {what}\n  hint: run as root with kernel.kptr_restrict <= 1 so /proc/kallsyms shows addresses"
+    )]
     Kallsyms { what: String },
 
-    #[error("network namespace {name}: {what}\n  hint: name one from `ip netns list`, a path such as /proc/PID/ns/net, or `all`")]
+    #[error(
+        "network namespace {name}: {what}\n  hint: name one from `ip netns list`, a path such as /proc/PID/ns/net, or `all`"
+    )]
     Netns { name: String, what: String },
 
     #[error("conntrack: {what}\n  hint: {hint}")]

@@ -36,10 +36,8 @@ impl Netns {
     }
 
     fn from_path(path: &Path, name: Option<String>) -> Result<Self, CtguardError> {
-        let meta = std::fs::metadata(path).map_err(|e| CtguardError::Netns {
-            name: path.display().to_string(),
-            what: format!("cannot open: {e}"),
-        })?;
+        let meta = std::fs::metadata(path)
+            .map_err(|e| CtguardError::Netns { name: path.display().to_string(), what: format!("cannot open: {e}") })?;
         Ok(Netns { inode: meta.ino() as u32, name, path: path.to_path_buf() })
     }
 
@@ -58,10 +56,9 @@ impl Netns {
             Some("all") => list_all(),
             Some(s) if s.contains('/') => Ok(vec![Self::from_path(Path::new(s), None)?]),
             Some(s) if s.chars().all(|c| c.is_ascii_digit()) => {
-                let inode: u32 = s.parse().map_err(|_| CtguardError::Netns {
-                    name: s.into(),
-                    what: "not a valid inode number".into(),
-                })?;
+                let inode: u32 = s
+                    .parse()
+                    .map_err(|_| CtguardError::Netns { name: s.into(), what: "not a valid inode number".into() })?;
                 list_all()?.into_iter().find(|ns| ns.inode == inode).map(|ns| vec![ns]).ok_or_else(|| {
                     CtguardError::Netns { name: s.into(), what: "no process or name holds this namespace".into() }
                 })
@@ -81,10 +78,7 @@ impl Netns {
 
     /// Runs `f` on a thread that has entered this namespace, and returns its
     /// result. The calling thread's namespace never changes.
-    pub fn run<T: Send + 'static>(
-        &self,
-        f: impl FnOnce() -> T + Send + 'static,
-    ) -> Result<T, CtguardError> {
+    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<T, CtguardError> {
         let file = File::open(&self.path).map_err(|e| self.error(format!("cannot open: {e}")))?;
         let label = self.label();
         std::thread::spawn(move || {
@@ -120,10 +114,8 @@ pub fn list_all() -> Result<Vec<Netns>, CtguardError> {
             }
         }
     }
-    let proc = std::fs::read_dir("/proc").map_err(|e| CtguardError::Netns {
-        name: "all".into(),
-        what: format!("cannot list /proc: {e}"),
-    })?;
+    let proc = std::fs::read_dir("/proc")
+        .map_err(|e| CtguardError::Netns { name: "all".into(), what: format!("cannot list /proc: {e}") })?;
     for entry in proc.flatten() {
         let pid = entry.file_name();
         if !pid.to_string_lossy().chars().all(|c| c.is_ascii_digit()) {

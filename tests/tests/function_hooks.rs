@@ -21,7 +21,8 @@ use ctguard_integration::{
 
 fn function_hooks() -> Sensors {
     let opts = SensorOptions { backend: BackendRequest::FunctionHooks, ..Default::default() };
-    let s = Sensors::start(&opts).unwrap_or_else(|e| panic!("the function-hook backend must start on this kernel: {e}"));
+    let s =
+        Sensors::start(&opts).unwrap_or_else(|e| panic!("the function-hook backend must start on this kernel: {e}"));
     assert_eq!(s.backend, Backend::FunctionHooks);
     s
 }
@@ -71,7 +72,11 @@ fn vm_every_table_full_event_carries_the_refused_flows_exact_tuple() {
     for e in &events {
         assert_eq!(e.cause_confidence, Some(Confidence::Certain), "function hooks make the cause certain");
         let f = &e.flow;
-        assert!(sent.contains(&(f.src.unwrap(), f.sport, f.dst.unwrap(), f.dport)), "not a sent flow: {}", format::flow(f));
+        assert!(
+            sent.contains(&(f.src.unwrap(), f.sport, f.dst.unwrap(), f.dport)),
+            "not a sent flow: {}",
+            format::flow(f)
+        );
     }
 }
 

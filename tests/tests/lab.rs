@@ -11,7 +11,12 @@ use ctguard_integration::{bin::ctguard_bin, lock::SerialGuard, max::read_max, re
 
 fn lab_namespaces() -> Vec<String> {
     std::fs::read_dir("/run/netns")
-        .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with("ctguard-lab-")).collect())
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with("ctguard-lab-"))
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -66,7 +71,10 @@ fn lab_cleans_up_on_sigterm_and_after_sigkill() {
                 .output()
                 .unwrap();
             let stdout = String::from_utf8_lossy(&out.stdout);
-            assert!(stdout.contains(&format!("restored nf_conntrack_max={max_before} left lowered by a killed lab")), "{stdout}");
+            assert!(
+                stdout.contains(&format!("restored nf_conntrack_max={max_before} left lowered by a killed lab")),
+                "{stdout}"
+            );
             assert!(stdout.contains("left by a killed lab"), "{stdout}");
             assert_eq!(read_max(), max_before);
             assert!(lab_namespaces().is_empty(), "left {:?}", lab_namespaces());

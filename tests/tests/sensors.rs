@@ -196,7 +196,11 @@ fn ring_buffer_overflow_is_counted_and_totals_stay_exact() {
     let lost = snap1.counters.since(&snap0.counters).events_lost;
     let delivered = drain(&mut ring).iter().filter(|e| e.kind == EventKind::Drop).count() as u64;
     assert!(lost > 0, "a 4 KiB ring cannot hold {kernel_drops} events");
-    assert_eq!(delivered + lost, snap1.counters.since(&snap0.counters).netfilter_drops, "every drop is either delivered or counted lost");
+    assert_eq!(
+        delivered + lost,
+        snap1.counters.since(&snap0.counters).netfilter_drops,
+        "every drop is either delivered or counted lost"
+    );
 }
 
 #[test]

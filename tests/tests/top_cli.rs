@@ -15,7 +15,11 @@ const TOTAL_RATE: u64 = 6000;
 
 fn flood_for(lab: &Lab, secs: u64) -> f64 {
     let spec = lab.flow_spec(Proto::Udp, &PORTS);
-    let opts = SendOptions { rate: Some(TOTAL_RATE), deadline: Duration::from_secs(secs + 5), ..SendOptions::count(TOTAL_RATE * secs) };
+    let opts = SendOptions {
+        rate: Some(TOTAL_RATE),
+        deadline: Duration::from_secs(secs + 5),
+        ..SendOptions::count(TOTAL_RATE * secs)
+    };
     let report = lab.send_with(&spec, &opts);
     assert_eq!(report.sent, TOTAL_RATE * secs);
     report.rate
@@ -43,7 +47,8 @@ fn top_json_ranks_ports_by_their_real_rates() {
     assert!(child.wait().unwrap().success());
 
     // Documents whose whole interval fell inside the flood: the busiest ones.
-    let mut busy: Vec<&serde_json::Value> = docs.iter().filter(|d| d["rates"]["new_per_s"].as_f64().unwrap_or(0.0) > 0.9 * achieved).collect();
+    let mut busy: Vec<&serde_json::Value> =
+        docs.iter().filter(|d| d["rates"]["new_per_s"].as_f64().unwrap_or(0.0) > 0.9 * achieved).collect();
     assert!(busy.len() >= 2, "expected at least 2 full intervals during a {flood_secs:.1}s flood: {docs:?}");
     busy.truncate(3);
     for doc in busy {
@@ -54,7 +59,11 @@ fn top_json_ranks_ports_by_their_real_rates() {
         for (k, share) in keys.iter().zip([0.5, 1.0 / 3.0, 1.0 / 6.0]) {
             let rate = k["inserts_per_s"].as_f64().unwrap();
             let expected = share * achieved;
-            assert!((rate - expected).abs() / expected < 0.05, "{}: {rate:.0}/s, expected {expected:.0}/s (within 5 %)", k["key"]);
+            assert!(
+                (rate - expected).abs() / expected < 0.05,
+                "{}: {rate:.0}/s, expected {expected:.0}/s (within 5 %)",
+                k["key"]
+            );
             assert!((k["share_percent"].as_f64().unwrap() - share * 100.0).abs() < 2.0, "{k}");
         }
         assert!((total - achieved).abs() / achieved < 0.05, "total {total:.0}/s vs sent {achieved:.0}/s");

@@ -17,7 +17,8 @@ pub fn run() -> Result<ExitCode> {
     let root = util::workspace_root();
     step("demo 1/3: building ctguard (release)");
     // The lab waits for Enter between acts only when a person is watching.
-    let lab: &[&str] = if std::io::IsTerminal::is_terminal(&std::io::stdin()) { &["lab"] } else { &["lab", "--script"] };
+    let lab: &[&str] =
+        if std::io::IsTerminal::is_terminal(&std::io::stdin()) { &["lab"] } else { &["lab", "--script"] };
     util::run(cmd(util::cargo(), ["build", "--release", "-p", "ctguard"]).current_dir(&root))?;
     let ctguard = root.join("target/release/ctguard");
 

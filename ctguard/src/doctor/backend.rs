@@ -63,7 +63,10 @@ pub fn choose(probes: &[Probe], facts: &KernelFacts) -> BackendChoice {
         backend: "tracepoint",
         sensors: vec![
             SensorPlan { sensor: "drops", hooks: "raw_tp skb:kfree_skb (reason NETFILTER_DROP)" },
-            SensorPlan { sensor: "new/removed entries", hooks: "raw_tp kmem:kmem_cache_alloc / kmem_cache_free on the nf_conntrack slab" },
+            SensorPlan {
+                sensor: "new/removed entries",
+                hooks: "raw_tp kmem:kmem_cache_alloc / kmem_cache_free on the nf_conntrack slab",
+            },
         ],
         reason: format!("raw tracepoints work and the kernel has BTF; function hooks unavailable: {why_not}"),
     }
@@ -111,7 +114,13 @@ mod tests {
     #[test]
     fn no_backend_without_raw_tp_btf_or_reason() {
         assert_eq!(choose(&[probe(HookKind::RawTp, false)], &good()).backend, "none");
-        assert_eq!(choose(&[probe(HookKind::RawTp, true)], &KernelFacts { vmlinux_btf: false, ..good() }).backend, "none");
-        assert_eq!(choose(&[probe(HookKind::RawTp, true)], &KernelFacts { kfree_skb_has_reason: false, ..good() }).backend, "none");
+        assert_eq!(
+            choose(&[probe(HookKind::RawTp, true)], &KernelFacts { vmlinux_btf: false, ..good() }).backend,
+            "none"
+        );
+        assert_eq!(
+            choose(&[probe(HookKind::RawTp, true)], &KernelFacts { kfree_skb_has_reason: false, ..good() }).backend,
+            "none"
+        );
     }
 }

@@ -71,9 +71,8 @@ pub fn run(args: &DoctorArgs) -> anyhow::Result<ExitCode> {
 
 pub fn collect() -> Report {
     let vmlinux = std::path::Path::new(crate::kernel::btf::VMLINUX_BTF).exists();
-    let kfree_skb_has_reason = KernelBtf::vmlinux()
-        .and_then(|b| b.tracepoint_arg_count("kfree_skb"))
-        .is_ok_and(|n| n >= 3);
+    let kfree_skb_has_reason =
+        KernelBtf::vmlinux().and_then(|b| b.tracepoint_arg_count("kfree_skb")).is_ok_and(|n| n >= 3);
     let btf = if vmlinux { aya::Btf::from_sys_fs().ok() } else { None };
     // Loading the module (if needed) is what the sensors would do too; the
     // report then shows the backend they would really use.
@@ -83,14 +82,13 @@ pub fn collect() -> Report {
     let missing_functions = crate::kernel::kallsyms::Kallsyms::read()
         .map(|syms| crate::sensors::backend::probe_host(&syms).missing_functions)
         .unwrap_or_else(|_| crate::sensors::backend::HOOKED_FUNCTIONS.to_vec());
-    let backend = backend::choose(&probes, &KernelFacts { vmlinux_btf: vmlinux, kfree_skb_has_reason, missing_functions });
+    let backend =
+        backend::choose(&probes, &KernelFacts { vmlinux_btf: vmlinux, kfree_skb_has_reason, missing_functions });
     let sensors_load = if backend.backend == "none" {
         Err("no usable backend".to_string())
     } else {
         // Load the real sensors the way `trace`/`top` would (automatic choice).
-        Sensors::start(&SensorOptions::default())
-            .map(|s| format!("{:?}", s.backend))
-            .map_err(|e| error_chain(&e))
+        Sensors::start(&SensorOptions::default()).map(|s| format!("{:?}", s.backend)).map_err(|e| error_chain(&e))
     };
     Report {
         kernel: system::kernel_release(),

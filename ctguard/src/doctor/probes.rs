@@ -233,7 +233,12 @@ mod tests {
 
     #[test]
     fn module_probe_never_claims_a_result_it_did_not_measure() {
-        for p in [ConntrackPlacement::BuiltIn, ConntrackPlacement::Module, ConntrackPlacement::Absent, ConntrackPlacement::ModuleNotLoaded] {
+        for p in [
+            ConntrackPlacement::BuiltIn,
+            ConntrackPlacement::Module,
+            ConntrackPlacement::Absent,
+            ConntrackPlacement::ModuleNotLoaded,
+        ] {
             assert!(matches!(module_fentry_outcome(p), Outcome::NotApplicable { .. }));
         }
     }

@@ -26,9 +26,7 @@ const PROBE_PRIORITY: i32 = -1_999_999;
 fn sys_bpf(cmd: bpf_cmd, attr: &mut bpf_attr) -> io::Result<OwnedFd> {
     // SAFETY: attr is a fully initialised bpf_attr of the kernel's layout and
     // outlives the call; the kernel returns a new fd or -1.
-    let rc = unsafe {
-        libc::syscall(libc::SYS_bpf, cmd as libc::c_long, attr as *mut bpf_attr, size_of::<bpf_attr>())
-    };
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd as libc::c_long, attr as *mut bpf_attr, size_of::<bpf_attr>()) };
     if rc < 0 {
         return Err(io::Error::last_os_error());
     }

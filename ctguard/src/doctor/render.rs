@@ -30,7 +30,10 @@ pub fn table(r: &Report) -> String {
         if r.conntrack.active_here { "active" } else { "idle (conntrack runs only where a rule or NAT uses it)" }
     );
     if r.conntrack.module_loaded_now {
-        let _ = writeln!(out, "              (doctor loaded the nf_conntrack module, as the sensors would; it tracks nothing by itself)");
+        let _ = writeln!(
+            out,
+            "              (doctor loaded the nf_conntrack module, as the sensors would; it tracks nothing by itself)"
+        );
     }
     if let Some(e) = &r.conntrack.module_load_error {
         let _ = writeln!(out, "              could not load nf_conntrack: {e}");

@@ -32,21 +32,18 @@ impl KernelBtf {
     }
 
     pub fn from_file(path: &Path) -> Result<Self, CtguardError> {
-        let btf = Btf::from_file(path).map_err(|e| CtguardError::Btf {
-            what: format!("cannot read {}: {e}", path.display()),
-        })?;
+        let btf = Btf::from_file(path)
+            .map_err(|e| CtguardError::Btf { what: format!("cannot read {}: {e}", path.display()) })?;
         Ok(Self { btf })
     }
 
     /// vmlinux BTF extended with a module's split BTF (e.g. nf_conntrack).
     pub fn with_module(module: &str) -> Result<Self, CtguardError> {
-        let base = Btf::from_file(VMLINUX_BTF).map_err(|e| CtguardError::Btf {
-            what: format!("cannot read {VMLINUX_BTF}: {e}"),
-        })?;
+        let base = Btf::from_file(VMLINUX_BTF)
+            .map_err(|e| CtguardError::Btf { what: format!("cannot read {VMLINUX_BTF}: {e}") })?;
         let path = format!("/sys/kernel/btf/{module}");
-        let btf = Btf::from_split_file(&path, &base).map_err(|e| CtguardError::Btf {
-            what: format!("cannot read {path}: {e}"),
-        })?;
+        let btf = Btf::from_split_file(&path, &base)
+            .map_err(|e| CtguardError::Btf { what: format!("cannot read {path}: {e}") })?;
         Ok(Self { btf })
     }
 
@@ -57,13 +54,9 @@ impl KernelBtf {
     /// Follows typedefs and qualifiers to the underlying type.
     fn resolve(&self, mut id: u32) -> Result<Type, CtguardError> {
         loop {
-            let t = self
-                .btf
-                .resolve_type_by_id(id)
-                .map_err(|e| Self::missing(format!("BTF type id {id}: {e}")))?;
+            let t = self.btf.resolve_type_by_id(id).map_err(|e| Self::missing(format!("BTF type id {id}: {e}")))?;
             match &t {
-                Type::Typedef(_) | Type::Const(_) | Type::Volatile(_) | Type::Restrict(_)
-                | Type::TypeTag(_) => {
+                Type::Typedef(_) | Type::Const(_) | Type::Volatile(_) | Type::Restrict(_) | Type::TypeTag(_) => {
                     id = t
                         .as_btf_type()
                         .and_then(|b| b.get_type_id())
@@ -103,9 +96,7 @@ impl KernelBtf {
             here = self
                 .find_member(here.type_id, field)?
                 .map(|m| Located { offset_bits: here.offset_bits + m.offset_bits, type_id: m.type_id })
-                .ok_or_else(|| {
-                    Self::missing(format!("struct {name} has no member {}", path.join(".")))
-                })?;
+                .ok_or_else(|| Self::missing(format!("struct {name} has no member {}", path.join("."))))?;
         }
         if !here.offset_bits.is_multiple_of(8) {
             return Err(Self::missing(format!("{name}.{} is a bitfield", path.join("."))));
@@ -139,12 +130,10 @@ impl KernelBtf {
                 return Ok(Some(Located { offset_bits: m.bit_offset(), type_id: member_type }));
             }
             if name.is_empty()
-                && let Some(inner) = self.find_member(member_type, field)? {
-                    return Ok(Some(Located {
-                        offset_bits: m.bit_offset() + inner.offset_bits,
-                        type_id: inner.type_id,
-                    }));
-                }
+                && let Some(inner) = self.find_member(member_type, field)?
+            {
+                return Ok(Some(Located { offset_bits: m.bit_offset() + inner.offset_bits, type_id: inner.type_id }));
+            }
         }
         Ok(None)
     }
@@ -198,10 +187,6 @@ impl KernelBtf {
 
     /// Whether a function named `name` is described in this BTF.
     pub fn has_function(&self, name: &str) -> bool {
-        self.btf
-            .resolve_types_by_name(name)
-            .unwrap_or_default()
-            .iter()
-            .any(|t| matches!(t, Type::Func(_)))
+        self.btf.resolve_types_by_name(name).unwrap_or_default().iter().any(|t| matches!(t, Type::Func(_)))
     }
 }

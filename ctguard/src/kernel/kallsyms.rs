@@ -41,8 +41,7 @@ impl Kallsyms {
                 let kind = parts.next()?;
                 let name = parts.next()?;
                 let module = parts.next().map(|m| m.trim_matches(['[', ']']).to_string());
-                (addr != 0 && matches!(kind, "t" | "T"))
-                    .then(|| Symbol { addr, name: name.to_string(), module })
+                (addr != 0 && matches!(kind, "t" | "T")).then(|| Symbol { addr, name: name.to_string(), module })
             })
             .collect();
         symbols.sort_by_key(|s| s.addr);
@@ -53,10 +52,7 @@ impl Kallsyms {
     pub fn function_range(&self, name: &str) -> Option<Range<u64>> {
         let i = self.symbols.iter().position(|s| s.name == name)?;
         let start = self.symbols[i].addr;
-        let end = self.symbols[i + 1..]
-            .iter()
-            .find(|s| s.addr > start)
-            .map_or(start + 1, |s| s.addr);
+        let end = self.symbols[i + 1..].iter().find(|s| s.addr > start).map_or(start + 1, |s| s.addr);
         Some(start..end)
     }
 

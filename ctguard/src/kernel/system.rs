@@ -48,11 +48,9 @@ pub fn ensure_tracefs() -> Result<&'static str, CtguardError> {
 }
 
 fn mount_pseudo(fstype: &str, target: &str) {
-    let (Ok(src), Ok(tgt), Ok(fs)) = (
-        std::ffi::CString::new("none"),
-        std::ffi::CString::new(target),
-        std::ffi::CString::new(fstype),
-    ) else {
+    let (Ok(src), Ok(tgt), Ok(fs)) =
+        (std::ffi::CString::new("none"), std::ffi::CString::new(target), std::ffi::CString::new(fstype))
+    else {
         return;
     };
     // SAFETY: plain mount(2) with valid NUL-terminated strings; failure is
@@ -70,10 +68,7 @@ pub const CAP_BPF: u32 = 39;
 
 /// The effective capability set of this process.
 pub fn effective_caps() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| parse_cap_eff(&s))
-        .unwrap_or(0)
+    std::fs::read_to_string("/proc/self/status").ok().and_then(|s| parse_cap_eff(&s)).unwrap_or(0)
 }
 
 pub fn parse_cap_eff(status: &str) -> Option<u64> {
@@ -107,9 +102,7 @@ pub fn require_bpf_caps() -> Result<(), CtguardError> {
     if missing.is_empty() {
         Ok(())
     } else {
-        Err(CtguardError::Privileges {
-            what: format!("missing capabilities: {}", missing.join(", ")),
-        })
+        Err(CtguardError::Privileges { what: format!("missing capabilities: {}", missing.join(", ")) })
     }
 }
 
@@ -158,13 +151,17 @@ pub fn ensure_conntrack_loaded() -> Result<bool, CtguardError> {
     if Path::new("/sys/module/nf_conntrack").exists() {
         return Ok(false);
     }
-    let out = std::process::Command::new("modprobe").arg("nf_conntrack").output().map_err(|e| CtguardError::Conntrack {
-        what: format!("nf_conntrack is not loaded and modprobe could not run: {e}"),
-        hint: "install kmod, or load it yourself: modprobe nf_conntrack".into(),
-    })?;
+    let out =
+        std::process::Command::new("modprobe").arg("nf_conntrack").output().map_err(|e| CtguardError::Conntrack {
+            what: format!("nf_conntrack is not loaded and modprobe could not run: {e}"),
+            hint: "install kmod, or load it yourself: modprobe nf_conntrack".into(),
+        })?;
     if !out.status.success() || !Path::new("/sys/module/nf_conntrack").exists() {
         return Err(CtguardError::Conntrack {
-            what: format!("nf_conntrack is not loaded and `modprobe nf_conntrack` failed: {}", String::from_utf8_lossy(&out.stderr).trim()),
+            what: format!(
+                "nf_conntrack is not loaded and `modprobe nf_conntrack` failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
             hint: "this kernel may lack conntrack (CONFIG_NF_CONNTRACK); `ctguard doctor` shows what it has".into(),
         });
     }

@@ -22,12 +22,19 @@ fn ip(args: &[&str]) -> Result<(), CtguardError> {
 fn run(program: &str, args: &[&str], stdin: Option<&str>) -> Result<(), CtguardError> {
     use std::io::Write;
     let mut cmd = Command::new(program);
-    cmd.args(args).stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped());
+    cmd.args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
     let mut child = cmd.spawn().map_err(|e| {
-        CtguardError::usage(format!("cannot run {program}: {e}"), "install iproute2 and nftables (`cargo xtask setup` does)")
+        CtguardError::usage(
+            format!("cannot run {program}: {e}"),
+            "install iproute2 and nftables (`cargo xtask setup` does)",
+        )
     })?;
     if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
-        pipe.write_all(text.as_bytes()).map_err(|e| CtguardError::usage(format!("writing to {program}: {e}"), "retry"))?;
+        pipe.write_all(text.as_bytes())
+            .map_err(|e| CtguardError::usage(format!("writing to {program}: {e}"), "retry"))?;
     }
     let out = child.wait_with_output().map_err(|e| CtguardError::usage(format!("{program}: {e}"), "retry"))?;
     if out.status.success() {
@@ -53,7 +60,20 @@ impl LabNet {
         ip(&["netns", "add", &net.client])?;
         // From here on, Drop cleans up whatever exists.
         ip(&["netns", "add", &net.server])?;
-        ip(&["link", "add", "lab-c", "netns", &net.client, "type", "veth", "peer", "name", "lab-s", "netns", &net.server])?;
+        ip(&[
+            "link",
+            "add",
+            "lab-c",
+            "netns",
+            &net.client,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "lab-s",
+            "netns",
+            &net.server,
+        ])?;
         let (c, s) = (format!("{}/24", net.client_addr), format!("{}/24", net.server_addr));
         ip(&["-n", &net.client, "addr", "add", &c, "dev", "lab-c"])?;
         ip(&["-n", &net.server, "addr", "add", &s, "dev", "lab-s"])?;

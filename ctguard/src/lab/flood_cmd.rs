@@ -65,7 +65,12 @@ pub fn run(args: &FloodArgs) -> anyhow::Result<ExitCode> {
     let from = Netns::resolve(Some(&args.from))?.remove(0);
     let proto = if args.proto == "tcp" { Proto::TcpSyn } else { Proto::Udp };
     let spec = FlowSpec::new(proto, args.src, args.to, args.ports.clone()).with_src_prefix(args.src_prefix);
-    let opts = SendOptions { first_flow: args.first_flow, deadline: args.duration, rate: args.rate, ..SendOptions::count(args.count) };
+    let opts = SendOptions {
+        first_flow: args.first_flow,
+        deadline: args.duration,
+        rate: args.rate,
+        ..SendOptions::count(args.count)
+    };
     let r = flood::send_flows(&from, &spec, &opts)?;
     let report = Report {
         sent: r.sent,

@@ -15,18 +15,22 @@ pub struct MaxGuard {
 }
 
 pub fn read_max() -> Result<u64, CtguardError> {
-    let text = fs::read_to_string(NF_CONNTRACK_MAX).map_err(|e| conntrack_error(format!("cannot read {NF_CONNTRACK_MAX}: {e}")))?;
+    let text = fs::read_to_string(NF_CONNTRACK_MAX)
+        .map_err(|e| conntrack_error(format!("cannot read {NF_CONNTRACK_MAX}: {e}")))?;
     text.trim().parse().map_err(|e| conntrack_error(format!("{NF_CONNTRACK_MAX} holds `{}`: {e}", text.trim())))
 }
 
 fn write_max(v: u64) -> Result<(), CtguardError> {
-    fs::write(NF_CONNTRACK_MAX, v.to_string()).map_err(|e| conntrack_error(format!("cannot write {v} to {NF_CONNTRACK_MAX}: {e}")))
+    fs::write(NF_CONNTRACK_MAX, v.to_string())
+        .map_err(|e| conntrack_error(format!("cannot write {v} to {NF_CONNTRACK_MAX}: {e}")))
 }
 
 fn conntrack_error(what: String) -> CtguardError {
     CtguardError::Conntrack {
         what,
-        hint: "the lab runs as root in the initial network namespace (nf_conntrack_max is global and read-only elsewhere)".into(),
+        hint:
+            "the lab runs as root in the initial network namespace (nf_conntrack_max is global and read-only elsewhere)"
+                .into(),
     }
 }
 
@@ -52,7 +56,8 @@ impl MaxGuard {
             .mode(0o600)
             .open(STATE_FILE)
             .map_err(|e| conntrack_error(format!("cannot create {STATE_FILE}: {e} (is another lab running?)")))?;
-        f.write_all(original.to_string().as_bytes()).map_err(|e| conntrack_error(format!("cannot write {STATE_FILE}: {e}")))?;
+        f.write_all(original.to_string().as_bytes())
+            .map_err(|e| conntrack_error(format!("cannot write {STATE_FILE}: {e}")))?;
         if let Err(e) = write_max(n) {
             let _ = fs::remove_file(STATE_FILE);
             return Err(e);
@@ -72,7 +77,10 @@ impl Drop for MaxGuard {
                 let _ = fs::remove_file(STATE_FILE);
             }
             // The state file stays: the next `ctguard lab` restores from it.
-            Err(e) => eprintln!("ctguard lab: {e}; restore it with `sysctl -w net.netfilter.nf_conntrack_max={}`", self.original),
+            Err(e) => eprintln!(
+                "ctguard lab: {e}; restore it with `sysctl -w net.netfilter.nf_conntrack_max={}`",
+                self.original
+            ),
         }
     }
 }

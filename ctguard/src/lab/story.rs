@@ -103,7 +103,10 @@ pub fn run(args: &LabArgs) -> anyhow::Result<ExitCode> {
     n.act(3, "ctguard's sensors");
     let opts = SensorOptions { key_mode: KeyMode::DstPort, emit_drop_events: false, ..Default::default() };
     let mut sampler = Sampler::start(&opts, Some(server.inode))?;
-    n.say(format!("attached ({:?} backend); they count every new entry and every drop in the kernel", sampler.backend()));
+    n.say(format!(
+        "attached ({:?} backend); they count every new entry and every drop in the kernel",
+        sampler.backend()
+    ));
 
     n.act(4, "load test: many short-lived UDP flows, most of them to one port");
     let ports = weighted_ports(args.hot_port, &[80, 443]);
@@ -231,7 +234,8 @@ fn flood_round(
     let end = sampler.sample()?;
     progress(n, &model::frame(&prev, &end, &fopts), started.elapsed(), &mut top_out)?;
     let whole = model::frame(&start, &end, &FrameOptions { top: 5, ..fopts });
-    let table_full = |s: &Sample| s.snapshot.drops_by_cause(Some(server.inode)).get(&Cause::TableFull).copied().unwrap_or(0);
+    let table_full =
+        |s: &Sample| s.snapshot.drops_by_cause(Some(server.inode)).get(&Cause::TableFull).copied().unwrap_or(0);
     Ok(Round {
         sent,
         rate: sent as f64 / elapsed.as_secs_f64().max(1e-6),

@@ -31,7 +31,8 @@ pub enum BackendRequest {
 }
 
 /// Kernel functions the function-hook backend attaches to.
-pub const HOOKED_FUNCTIONS: [&str; 4] = ["__nf_conntrack_alloc", "__nf_conntrack_confirm", "early_drop", "nf_ct_delete"];
+pub const HOOKED_FUNCTIONS: [&str; 4] =
+    ["__nf_conntrack_alloc", "__nf_conntrack_confirm", "early_drop", "nf_ct_delete"];
 
 /// Facts the choice depends on, gathered by [`probe_host`].
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -63,9 +64,13 @@ pub fn function_hooks_can_run(facts: &HostFacts) -> Result<(), String> {
 pub fn choose(request: BackendRequest, facts: &HostFacts) -> Result<(Backend, String), String> {
     match (request, function_hooks_can_run(facts)) {
         (BackendRequest::Tracepoint, _) => Ok((Backend::Tracepoint, "requested with --backend tracepoint".into())),
-        (BackendRequest::FunctionHooks, Ok(())) => Ok((Backend::FunctionHooks, "requested with --backend function-hooks".into())),
+        (BackendRequest::FunctionHooks, Ok(())) => {
+            Ok((Backend::FunctionHooks, "requested with --backend function-hooks".into()))
+        }
         (BackendRequest::FunctionHooks, Err(why)) => Err(format!("--backend function-hooks cannot run: {why}")),
-        (BackendRequest::Auto, Ok(())) => Ok((Backend::FunctionHooks, "kprobes and every hooked function are available".into())),
+        (BackendRequest::Auto, Ok(())) => {
+            Ok((Backend::FunctionHooks, "kprobes and every hooked function are available".into()))
+        }
         (BackendRequest::Auto, Err(why)) => Ok((Backend::Tracepoint, format!("function hooks unavailable: {why}"))),
     }
 }

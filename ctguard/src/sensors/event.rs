@@ -191,10 +191,16 @@ mod tests {
     #[test]
     fn decodes_captured_packet_bytes() {
         use ctguard_ebpf::PacketEvent;
-        let mut pe = PacketEvent { event: Event { kind: event_kind::DROP, ..Default::default() }, wire_len: 60, cap_len: 3, data: [0; MAX_CAPTURE] };
+        let mut pe = PacketEvent {
+            event: Event { kind: event_kind::DROP, ..Default::default() },
+            wire_len: 60,
+            cap_len: 3,
+            data: [0; MAX_CAPTURE],
+        };
         pe.data[..3].copy_from_slice(&[0x45, 0, 0x3c]);
         // SAFETY: PacketEvent is repr(C) plain data.
-        let raw = unsafe { std::slice::from_raw_parts((&pe as *const PacketEvent).cast::<u8>(), size_of::<PacketEvent>()) };
+        let raw =
+            unsafe { std::slice::from_raw_parts((&pe as *const PacketEvent).cast::<u8>(), size_of::<PacketEvent>()) };
         let d = decode(raw).unwrap();
         assert_eq!(d.packet, Some(CapturedPacket { wire_len: 60, data: vec![0x45, 0, 0x3c] }));
         let plain = decode(&raw[..size_of::<Event>()]).unwrap();

@@ -122,7 +122,8 @@ const TRACEPOINT_PROGRAMS: [(&str, &str); 3] =
     [("ctg_kfree_skb", "kfree_skb"), ("ctg_ct_alloc", "kmem_cache_alloc"), ("ctg_ct_free", "kmem_cache_free")];
 /// The function-hook backend keys new entries at __nf_conntrack_alloc's
 /// return instead of at the slab allocation.
-const FUNCTION_BACKEND_TRACEPOINTS: [(&str, &str); 2] = [("ctg_kfree_skb", "kfree_skb"), ("ctg_ct_free", "kmem_cache_free")];
+const FUNCTION_BACKEND_TRACEPOINTS: [(&str, &str); 2] =
+    [("ctg_kfree_skb", "kfree_skb"), ("ctg_ct_free", "kmem_cache_free")];
 /// kprobe / kretprobe programs and the functions they attach to.
 const FUNCTION_HOOKS: [(&str, &str); 6] = [
     ("fh_alloc_entry", "__nf_conntrack_alloc"),
@@ -158,7 +159,10 @@ impl Sensors {
         loader.map_max_entries("CHURN", opts.max_keys.max(16));
         loader.map_max_entries("EVENTS", opts.ring_bytes);
         let mut ebpf = loader.load(object_bytes()).map_err(|e| {
-            CtguardError::ebpf(format!("loading the kernel programs failed: {e}"), "run `ctguard doctor` to see which hooks this kernel allows")
+            CtguardError::ebpf(
+                format!("loading the kernel programs failed: {e}"),
+                "run `ctguard doctor` to see which hooks this kernel allows",
+            )
         })?;
         let facts = backend::probe_host(&Kallsyms::read()?);
         let (backend, backend_reason) = backend::choose(opts.backend, &facts)
@@ -206,7 +210,10 @@ impl Sensors {
             opts.args[0] = FLUSH_MIN_AGE_NS;
             opts.cpu = Some(cpu);
             prog.test_run(opts).map_err(|e| {
-                CtguardError::ebpf(format!("flushing CPU {cpu} failed: {e}"), "needs kernel 5.10+ (BPF_PROG_TEST_RUN on raw tracepoints)")
+                CtguardError::ebpf(
+                    format!("flushing CPU {cpu} failed: {e}"),
+                    "needs kernel 5.10+ (BPF_PROG_TEST_RUN on raw tracepoints)",
+                )
             })?;
         }
         Ok(())
@@ -221,8 +228,8 @@ impl Sensors {
         let read_err = |what: &str, e: &dyn std::fmt::Display| {
             CtguardError::ebpf(format!("reading {what} failed: {e}"), "the programs may have been unloaded")
         };
-        let counters: PerCpuArray<_, u64> = PerCpuArray::try_from(self.map("COUNTERS")?)
-            .map_err(|e| read_err("COUNTERS", &e))?;
+        let counters: PerCpuArray<_, u64> =
+            PerCpuArray::try_from(self.map("COUNTERS")?).map_err(|e| read_err("COUNTERS", &e))?;
         let mut totals = [0u64; counter::COUNT as usize];
         for (i, slot) in totals.iter_mut().enumerate() {
             let per_cpu = counters.get(&(i as u32), 0).map_err(|e| read_err("COUNTERS", &e))?;

@@ -36,7 +36,12 @@ pub fn read(program: &str, fd: impl AsFd) -> std::io::Result<ProgramStats> {
     attr.info.info = &mut info as *mut bpf_prog_info as u64;
     // SAFETY: a valid bpf_attr for BPF_OBJ_GET_INFO_BY_FD.
     let rc = unsafe {
-        libc::syscall(libc::SYS_bpf, bpf_cmd::BPF_OBJ_GET_INFO_BY_FD as libc::c_long, &mut attr as *mut bpf_attr, size_of::<bpf_attr>())
+        libc::syscall(
+            libc::SYS_bpf,
+            bpf_cmd::BPF_OBJ_GET_INFO_BY_FD as libc::c_long,
+            &mut attr as *mut bpf_attr,
+            size_of::<bpf_attr>(),
+        )
     };
     if rc < 0 {
         return Err(std::io::Error::last_os_error());

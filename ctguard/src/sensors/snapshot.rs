@@ -186,7 +186,11 @@ mod tests {
             Instant::now(),
             [0; counter::COUNT as usize],
             vec![],
-            vec![(drop_key(1, cause::TABLE_FULL), 5), (drop_key(2, cause::TABLE_FULL), 7), (drop_key(1, cause::RULESET), 2)],
+            vec![
+                (drop_key(1, cause::TABLE_FULL), 5),
+                (drop_key(2, cause::TABLE_FULL), 7),
+                (drop_key(1, cause::RULESET), 2),
+            ],
         );
         let all = s.drops_by_cause(None);
         assert_eq!(all[&Cause::TableFull], 12);

@@ -11,11 +11,7 @@ mod tui;
 use std::process::ExitCode;
 
 use self::model::KeyFilter;
-use crate::{
-    cli::TopArgs,
-    error::CtguardError,
-    sensors::SensorOptions,
-};
+use crate::{cli::TopArgs, error::CtguardError, sensors::SensorOptions};
 
 pub fn run(args: &TopArgs) -> anyhow::Result<ExitCode> {
     if args.interval.is_zero() {

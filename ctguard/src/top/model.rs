@@ -6,7 +6,12 @@ use ctguard_ebpf::{ChurnKey, ChurnValue};
 use serde::Serialize;
 
 use crate::{
-    sensors::{KeyMode, event::Flow, prog_stats::ProgramStats, snapshot::{Cause, Snapshot}},
+    sensors::{
+        KeyMode,
+        event::Flow,
+        prog_stats::ProgramStats,
+        snapshot::{Cause, Snapshot},
+    },
     trace::format,
     util::Cidr,
 };
@@ -215,8 +220,11 @@ pub fn frame(prev: &Sample, cur: &Sample, opts: &FrameOptions<'_>) -> Frame {
             continue;
         }
         let p = prev_keys.get(&key_id(key)).copied().unwrap_or_default();
-        let (ins, rem, drp) =
-            (counter_delta(p.inserts, v.inserts), counter_delta(p.removals, v.removals), counter_delta(p.drops, v.drops));
+        let (ins, rem, drp) = (
+            counter_delta(p.inserts, v.inserts),
+            counter_delta(p.removals, v.removals),
+            counter_delta(p.drops, v.drops),
+        );
         interval_inserts += ins;
         interval_removals += rem;
         if !opts.filter.matches(key) {
@@ -259,8 +267,16 @@ pub fn frame(prev: &Sample, cur: &Sample, opts: &FrameOptions<'_>) -> Frame {
     Frame {
         interval_s: dt,
         rates: Rates {
-            new_per_s: per_s(if netns.is_some() { interval_inserts } else { counter_delta(c0.counters.new_entries, c1.counters.new_entries) }),
-            removed_per_s: per_s(if netns.is_some() { interval_removals } else { counter_delta(c0.counters.removed_entries, c1.counters.removed_entries) }),
+            new_per_s: per_s(if netns.is_some() {
+                interval_inserts
+            } else {
+                counter_delta(c0.counters.new_entries, c1.counters.new_entries)
+            }),
+            removed_per_s: per_s(if netns.is_some() {
+                interval_removals
+            } else {
+                counter_delta(c0.counters.removed_entries, c1.counters.removed_entries)
+            }),
             drops_per_s,
             early_drop_per_s: per_s(early_drops),
         },
@@ -298,10 +314,9 @@ fn table_view(prev: Option<&TableGauge>, cur: &TableGauge, dt: f64) -> TableView
     } else {
         Trend::Steady
     };
-    let time_to_full_s =
-        (growth > 0.0 && cur.max > cur.entries).then(|| (cur.max - cur.entries) as f64 / growth).or_else(|| {
-            (growth > 0.0 && cur.max > 0 && cur.entries >= cur.max).then_some(0.0)
-        });
+    let time_to_full_s = (growth > 0.0 && cur.max > cur.entries)
+        .then(|| (cur.max - cur.entries) as f64 / growth)
+        .or_else(|| (growth > 0.0 && cur.max > 0 && cur.entries >= cur.max).then_some(0.0));
     TableView {
         netns: cur.netns,
         label: cur.label.clone(),
@@ -351,14 +366,22 @@ mod tests {
     use std::time::Instant;
 
     fn key(netns: u32, dport: u16) -> ChurnKey {
-        ChurnKey { netns, tuple: FlowTuple { dport, proto: 17, ip_version: 4, ..Default::default() }, ..Default::default() }
+        ChurnKey {
+            netns,
+            tuple: FlowTuple { dport, proto: 17, ip_version: 4, ..Default::default() },
+            ..Default::default()
+        }
     }
 
     fn snap(new_entries: u64, keys: Vec<(ChurnKey, u64, u64)>, table_full: u64) -> Snapshot {
         let mut counters = [0u64; counter::COUNT as usize];
         counters[counter::CT_ALLOCATED as usize] = new_entries;
-        let churn = keys.into_iter().map(|(k, ins, drops)| (k, ChurnValue { inserts: ins, removals: 0, drops })).collect();
-        let drops = vec![(DropKey { netns: 1, cause: cause::TABLE_FULL, confidence: confidence::LIKELY, _pad: [0; 2] }, table_full)];
+        let churn =
+            keys.into_iter().map(|(k, ins, drops)| (k, ChurnValue { inserts: ins, removals: 0, drops })).collect();
+        let drops = vec![(
+            DropKey { netns: 1, cause: cause::TABLE_FULL, confidence: confidence::LIKELY, _pad: [0; 2] },
+            table_full,
+        )];
         Snapshot::new(Instant::now(), counters, churn, drops)
     }
 
@@ -366,8 +389,20 @@ mod tests {
         Sample {
             at_s,
             snapshot,
-            tables: vec![TableGauge { netns: 1, label: "b".into(), entries, max: 1000, buckets: 1024, early_drop: entries / 100 }],
-            programs: vec![ProgramStats { program: "ctg_ct_alloc".into(), run_count: entries * 10, run_time_ns: entries * 1000, recursion_misses: 0 }],
+            tables: vec![TableGauge {
+                netns: 1,
+                label: "b".into(),
+                entries,
+                max: 1000,
+                buckets: 1024,
+                early_drop: entries / 100,
+            }],
+            programs: vec![ProgramStats {
+                program: "ctg_ct_alloc".into(),
+                run_count: entries * 10,
+                run_time_ns: entries * 1000,
+                recursion_misses: 0,
+            }],
         }
     }
 

@@ -40,7 +40,8 @@ pub fn text(f: &Frame, mode: KeyMode) -> String {
     let _ = writeln!(out, "drops/s  {}", drops_line(f));
     let misses: u64 = f.programs.iter().map(|p| p.recursion_misses).sum();
     if misses > 0 {
-        let _ = writeln!(out, "kernel skipped ctguard's programs {misses} times (recursion): those events are not counted");
+        let _ =
+            writeln!(out, "kernel skipped ctguard's programs {misses} times (recursion): those events are not counted");
     }
     for t in &f.tables {
         let _ = writeln!(
@@ -56,7 +57,16 @@ pub fn text(f: &Frame, mode: KeyMode) -> String {
             time_to_full(t.time_to_full_s)
         );
     }
-    let _ = writeln!(out, "{:<40} {:>12} {:>7} {:>10} {:>10} {:>12}", format!("key ({mode:?})"), "inserts/s", "share", "drops/s", "removed/s", "total");
+    let _ = writeln!(
+        out,
+        "{:<40} {:>12} {:>7} {:>10} {:>10} {:>12}",
+        format!("key ({mode:?})"),
+        "inserts/s",
+        "share",
+        "drops/s",
+        "removed/s",
+        "total"
+    );
     for k in &f.keys {
         let _ = writeln!(
             out,

@@ -41,10 +41,8 @@ impl Sampler {
     pub fn sample(&mut self) -> Result<Sample, CtguardError> {
         let at_s = self.started.elapsed().as_secs_f64();
         if at_s - self.listed_at_s >= NETNS_REFRESH_S {
-            self.namespaces = netns::list_all()?
-                .into_iter()
-                .filter(|ns| self.only.is_none_or(|o| o == ns.inode))
-                .collect();
+            self.namespaces =
+                netns::list_all()?.into_iter().filter(|ns| self.only.is_none_or(|o| o == ns.inode)).collect();
             self.listed_at_s = at_s;
         }
         let snapshot = self.sensors.snapshot()?;

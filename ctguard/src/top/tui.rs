@@ -283,8 +283,16 @@ pub fn parse_filter(input: &str, current: &KeyFilter) -> Result<KeyFilter, Strin
         ["src", c] => f.src = Some(c.parse()?),
         ["dst", c] => f.dst = Some(c.parse()?),
         ["netns", n] => f.netns = Some(n.parse().map_err(|_| format!("`{n}` is not a namespace inode"))?),
-        [p] => f.proto = Some(parse_proto(p).map_err(|_| format!("unknown filter `{p}`; try: udp | port 53 | src 10.0.0.0/8 | dst ... | netns N | clear"))?),
-        _ => return Err(format!("unknown filter `{input}`; try: udp | port 53 | src 10.0.0.0/8 | dst ... | netns N | clear")),
+        [p] => {
+            f.proto = Some(parse_proto(p).map_err(|_| {
+                format!("unknown filter `{p}`; try: udp | port 53 | src 10.0.0.0/8 | dst ... | netns N | clear")
+            })?)
+        }
+        _ => {
+            return Err(format!(
+                "unknown filter `{input}`; try: udp | port 53 | src 10.0.0.0/8 | dst ... | netns N | clear"
+            ));
+        }
     }
     Ok(f)
 }
@@ -361,7 +369,8 @@ fn draw(f: &mut TermFrame<'_>, app: &App) {
     ];
     f.render_widget(Paragraph::new(rates_text).block(Block::new().borders(Borders::TOP).title(" rates ")), rates);
 
-    let [fill_area, drop_area] = Layout::horizontal([Constraint::Percentage(50), Constraint::Percentage(50)]).areas(charts);
+    let [fill_area, drop_area] =
+        Layout::horizontal([Constraint::Percentage(50), Constraint::Percentage(50)]).areas(charts);
     let fill: Vec<u64> = app.fill_history.iter().copied().collect();
     let drops: Vec<u64> = app.drop_history.iter().copied().collect();
     f.render_widget(
@@ -411,7 +420,10 @@ fn draw_gauges(f: &mut TermFrame<'_>, area: Rect, frame: &Frame) {
             render::time_to_full(t.time_to_full_s)
         );
         f.render_widget(
-            Gauge::default().gauge_style(Style::new().fg(color)).ratio((t.fill_percent / 100.0).clamp(0.0, 1.0)).label(label),
+            Gauge::default()
+                .gauge_style(Style::new().fg(color))
+                .ratio((t.fill_percent / 100.0).clamp(0.0, 1.0))
+                .label(label),
             *row,
         );
     }
@@ -446,7 +458,9 @@ fn draw_keys(f: &mut TermFrame<'_>, area: Rect, frame: &Frame, app: &App) {
 
 fn draw_footer(f: &mut TermFrame<'_>, area: Rect, app: &App) {
     let text = if let Some(input) = &app.input {
-        format!(" filter> {input}_   (udp | port 53 | src CIDR | dst CIDR | netns N | clear; Enter applies, Esc cancels)")
+        format!(
+            " filter> {input}_   (udp | port 53 | src CIDR | dst CIDR | netns N | clear; Enter applies, Esc cancels)"
+        )
     } else if let Some(msg) = &app.message {
         format!(" {msg}")
     } else {

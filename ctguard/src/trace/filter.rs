@@ -38,9 +38,9 @@ pub fn parse_proto(s: &str) -> Result<u8, String> {
         "icmpv6" | "ipv6-icmp" => Ok(58),
         "sctp" => Ok(132),
         "udplite" => Ok(136),
-        other => other
-            .parse()
-            .map_err(|_| format!("unknown protocol `{s}`: use tcp, udp, icmp, icmpv6, sctp, udplite or a number 0-255")),
+        other => other.parse().map_err(|_| {
+            format!("unknown protocol `{s}`: use tcp, udp, icmp, icmpv6, sctp, udplite or a number 0-255")
+        }),
     }
 }
 
@@ -91,10 +91,22 @@ mod tests {
         yes(Filter { flow: KeyFilter { port: Some(53), ..Default::default() }, ..Default::default() });
         yes(Filter { flow: KeyFilter { port: Some(40000), ..Default::default() }, ..Default::default() });
         no(Filter { flow: KeyFilter { port: Some(80), ..Default::default() }, ..Default::default() });
-        yes(Filter { flow: KeyFilter { src: Some("10.0.0.0/8".parse().unwrap()), ..Default::default() }, ..Default::default() });
-        no(Filter { flow: KeyFilter { src: Some("192.168.0.0/16".parse().unwrap()), ..Default::default() }, ..Default::default() });
-        yes(Filter { flow: KeyFilter { dst: Some("192.168.0.0/16".parse().unwrap()), ..Default::default() }, ..Default::default() });
-        no(Filter { flow: KeyFilter { dst: Some("fd00::/8".parse().unwrap()), ..Default::default() }, ..Default::default() });
+        yes(Filter {
+            flow: KeyFilter { src: Some("10.0.0.0/8".parse().unwrap()), ..Default::default() },
+            ..Default::default()
+        });
+        no(Filter {
+            flow: KeyFilter { src: Some("192.168.0.0/16".parse().unwrap()), ..Default::default() },
+            ..Default::default()
+        });
+        yes(Filter {
+            flow: KeyFilter { dst: Some("192.168.0.0/16".parse().unwrap()), ..Default::default() },
+            ..Default::default()
+        });
+        no(Filter {
+            flow: KeyFilter { dst: Some("fd00::/8".parse().unwrap()), ..Default::default() },
+            ..Default::default()
+        });
     }
 
     #[test]

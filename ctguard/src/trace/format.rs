@@ -21,7 +21,8 @@ fn endpoint(addr: Option<IpAddr>, port: u16, with_port: bool) -> String {
 
 pub fn flow(f: &Flow) -> String {
     let ports = matches!(f.proto, 6 | 17 | 132 | 136);
-    let mut s = format!("{} {} -> {}", f.proto_name(), endpoint(f.src, f.sport, ports), endpoint(f.dst, f.dport, ports));
+    let mut s =
+        format!("{} {} -> {}", f.proto_name(), endpoint(f.src, f.sport, ports), endpoint(f.dst, f.dport, ports));
     if matches!(f.proto, 1 | 58) {
         let _ = write!(s, " type {} code {}", f.dport >> 8, f.dport & 0xff);
     }
@@ -91,7 +92,13 @@ mod tests {
             ctinfo: None,
             ct_status: 0,
             zone: 0,
-            flow: Flow { proto: 17, src: Some("10.0.0.1".parse().unwrap()), dst: Some("10.0.0.2".parse().unwrap()), sport: 40000, dport: 5000 },
+            flow: Flow {
+                proto: 17,
+                src: Some("10.0.0.1".parse().unwrap()),
+                dst: Some("10.0.0.2".parse().unwrap()),
+                sport: 40000,
+                dport: 5000,
+            },
             packet: None,
         };
         let line = event_line(&ev, 1.5, Some("nf_hook_slow+0x7d"));
@@ -103,9 +110,21 @@ mod tests {
 
     #[test]
     fn ipv6_and_icmp_flows() {
-        let f = Flow { proto: 6, src: Some("fd00::1".parse().unwrap()), dst: Some("fd00::2".parse().unwrap()), sport: 1, dport: 443 };
+        let f = Flow {
+            proto: 6,
+            src: Some("fd00::1".parse().unwrap()),
+            dst: Some("fd00::2".parse().unwrap()),
+            sport: 1,
+            dport: 443,
+        };
         assert_eq!(flow(&f), "tcp [fd00::1]:1 -> [fd00::2]:443");
-        let icmp = Flow { proto: 1, src: Some("10.0.0.1".parse().unwrap()), dst: Some("10.0.0.2".parse().unwrap()), sport: 9, dport: 0x0800 };
+        let icmp = Flow {
+            proto: 1,
+            src: Some("10.0.0.1".parse().unwrap()),
+            dst: Some("10.0.0.2".parse().unwrap()),
+            sport: 9,
+            dport: 0x0800,
+        };
         assert_eq!(flow(&icmp), "icmp 10.0.0.1 -> 10.0.0.2 type 8 code 0");
     }
 

@@ -219,7 +219,8 @@ fn summarize(
         // Per-CPU deltas: the kernel's counters are 32-bit and wrap.
         let delta: BTreeMap<String, u64> = after.rise_since(before).iter().map(|(k, v)| (k.to_string(), v)).collect();
         let ours = summary::drops_between(start, end, Some(*inode));
-        let interesting = ["drop", "insert_failed", "invalid", "early_drop"].iter().any(|k| delta.get(*k).is_some_and(|v| *v > 0));
+        let interesting =
+            ["drop", "insert_failed", "invalid", "early_drop"].iter().any(|k| delta.get(*k).is_some_and(|v| *v > 0));
         if interesting || !ours.is_empty() {
             reconciliation.push(summary::reconcile(*inode, ns.label(), &delta, &ours));
         }

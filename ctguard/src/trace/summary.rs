@@ -123,9 +123,17 @@ pub fn reconcile(
 pub fn text(s: &Summary) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "--- ctguard trace summary ({:.1}s) ---", s.duration_s);
-    let _ = writeln!(out, "events shown {}, read {}, lost by the ring buffer {}", s.events_shown, s.events_read, s.events_lost);
+    let _ = writeln!(
+        out,
+        "events shown {}, read {}, lost by the ring buffer {}",
+        s.events_shown, s.events_read, s.events_lost
+    );
     if s.kernel_program_misses > 0 {
-        let _ = writeln!(out, "the kernel skipped ctguard's programs {} times (recursion): those are not counted", s.kernel_program_misses);
+        let _ = writeln!(
+            out,
+            "the kernel skipped ctguard's programs {} times (recursion): those are not counted",
+            s.kernel_program_misses
+        );
     }
     let _ = writeln!(
         out,
