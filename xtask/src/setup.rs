@@ -30,7 +30,10 @@ pub const PACKAGES: &[&str] = &[
     "file",
     "xz-utils",
     "zstd",
+    // The TUI test drives `ctguard top` in tmux; the benchmarks compare
+    // against a bpftrace one-liner.
     "tmux",
+    "bpftrace",
 ];
 
 /// The toolchain that builds the eBPF crate (aya-build's `Toolchain::default()`).
