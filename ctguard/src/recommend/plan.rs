@@ -621,14 +621,14 @@ fn raise_max_reason(
     }
 }
 
+/// A refusal of change `c`'s proposed value.
+fn refusal(c: &Change, reason: String, hint: &str) -> Refusal {
+    Refusal { knob: c.sysctl.clone(), value: c.proposed.to_string(), reason, hint: hint.into() }
+}
+
 fn validate_max(c: &Change, current_entries: u64, busiest: Option<u32>, refusals: &mut Vec<Refusal>) {
     let v = c.proposed;
-    let refuse = |reason: String, hint: &str| Refusal {
-        knob: c.sysctl.clone(),
-        value: v.to_string(),
-        reason,
-        hint: hint.into(),
-    };
+    let refuse = |reason: String, hint: &str| refusal(c, reason, hint);
     if v == 0 {
         refusals.push(refuse(
             "0 removes the limit: the table could grow until kernel memory runs out".into(),
@@ -653,12 +653,7 @@ fn validate_max(c: &Change, current_entries: u64, busiest: Option<u32>, refusals
 
 fn validate_buckets(c: &Change, page_size: u64, refusals: &mut Vec<Refusal>, warnings: &mut Vec<String>) {
     let v = c.proposed;
-    let refuse = |reason: String, hint: &str| Refusal {
-        knob: c.sysctl.clone(),
-        value: v.to_string(),
-        reason,
-        hint: hint.into(),
-    };
+    let refuse = |reason: String, hint: &str| refusal(c, reason, hint);
     if v == 0 {
         refusals.push(refuse(
             "the kernel refuses a hash table of 0 buckets (EINVAL)".into(),
