@@ -250,7 +250,8 @@ mkdir -p $R/dev/pts $R/dev/shm
 mount -t devpts -o newinstance,ptmxmode=0666 devpts $R/dev/pts
 mount -t tmpfs -o mode=1777 shm $R/dev/shm
 mount -t tmpfs -o mode=0755 run $R/run
-mount -t tmpfs -o mode=1777 tmp $R/tmp
+# No tmpfs on /tmp: the workspace may live there (CI clones anywhere), and
+# the overlay already makes it writable.
 mount -t cgroup2 cgroup2 $R/sys/fs/cgroup 2>/dev/null
 mount -t bpf bpf $R/sys/fs/bpf || say "cannot mount bpffs"
 mount -t tracefs tracefs $R/sys/kernel/tracing || say "cannot mount tracefs"
