@@ -114,6 +114,31 @@ pub fn mem_total_bytes() -> Option<u64> {
     Some(kb * 1024)
 }
 
+/// Loads nf_conntrack when it is a module that is not loaded yet: ctguard
+/// needs its BTF (struct nf_conn) and its functions in kallsyms. Loading it
+/// tracks nothing by itself: conntrack hooks register only where a rule or
+/// NAT asks for them. Returns true when this call loaded it.
+pub fn ensure_conntrack_loaded() -> Result<bool, CtguardError> {
+    if Path::new("/sys/module/nf_conntrack").exists() {
+        return Ok(false);
+    }
+    let out =
+        std::process::Command::new("modprobe").arg("nf_conntrack").output().map_err(|e| CtguardError::Conntrack {
+            what: format!("nf_conntrack is not loaded and modprobe could not run: {e}"),
+            hint: "install kmod, or load it yourself: modprobe nf_conntrack".into(),
+        })?;
+    if !out.status.success() || !Path::new("/sys/module/nf_conntrack").exists() {
+        return Err(CtguardError::Conntrack {
+            what: format!(
+                "nf_conntrack is not loaded and `modprobe nf_conntrack` failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+            hint: "this kernel may lack conntrack (CONFIG_NF_CONNTRACK); `ctguard doctor` shows what it has".into(),
+        });
+    }
+    Ok(true)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -141,29 +166,4 @@ mod tests {
         // CAP_SYS_ADMIN covers BPF and PERFMON but not NET_ADMIN.
         assert_eq!(missing_caps(1 << CAP_SYS_ADMIN, &[CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN]), vec!["CAP_NET_ADMIN"]);
     }
-}
-
-/// Loads nf_conntrack when it is a module that is not loaded yet: ctguard
-/// needs its BTF (struct nf_conn) and its functions in kallsyms. Loading it
-/// tracks nothing by itself: conntrack hooks register only where a rule or
-/// NAT asks for them. Returns true when this call loaded it.
-pub fn ensure_conntrack_loaded() -> Result<bool, CtguardError> {
-    if Path::new("/sys/module/nf_conntrack").exists() {
-        return Ok(false);
-    }
-    let out =
-        std::process::Command::new("modprobe").arg("nf_conntrack").output().map_err(|e| CtguardError::Conntrack {
-            what: format!("nf_conntrack is not loaded and modprobe could not run: {e}"),
-            hint: "install kmod, or load it yourself: modprobe nf_conntrack".into(),
-        })?;
-    if !out.status.success() || !Path::new("/sys/module/nf_conntrack").exists() {
-        return Err(CtguardError::Conntrack {
-            what: format!(
-                "nf_conntrack is not loaded and `modprobe nf_conntrack` failed: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            ),
-            hint: "this kernel may lack conntrack (CONFIG_NF_CONNTRACK); `ctguard doctor` shows what it has".into(),
-        });
-    }
-    Ok(true)
 }

@@ -436,9 +436,13 @@ pub fn interval_between(prev: &Snapshot, cur: &Snapshot) -> Interval {
             inserts: inserts as f64,
         });
     }
-    let all = counter_delta(prev.counters.new_entries, cur.counters.new_entries) as f64;
-    let keyed: f64 = keys.iter().map(|k| k.inserts).sum();
-    Interval { dt_s, keys, unattributed: (all - keyed).max(0.0) }
+    // Only the entries the kernel could not key at all (both key maps full)
+    // are unattributed. "all new entries minus keyed ones" would be wrong:
+    // COUNTERS and CHURN are read one after the other while traffic runs, so
+    // that difference swings between intervals, and clipping its negative
+    // swings at zero would inflate the total.
+    let unattributed = counter_delta(prev.counters.other_overflow, cur.counters.other_overflow) as f64;
+    Interval { dt_s, keys, unattributed }
 }
 
 /// What a file of `ctguard top --json` documents holds.
@@ -454,6 +458,29 @@ pub struct TopFile {
     pub truncated_documents: usize,
 }
 
+/// New entries a `top` document's keys do not account for (keys cut to the
+/// top N, or the kernel's key maps full), booked so that read skew between
+/// documents cancels out: a document's total and its keys are read a moment
+/// apart, so one document may show more keyed entries than new ones and the
+/// next fewer. The running balance carries the excess forward instead of
+/// clipping it at zero, which would count the same entries twice.
+#[derive(Default)]
+struct KeyingGap {
+    /// All new entries minus keyed ones, over every document so far.
+    balance: f64,
+    /// What has been booked as unattributed so far.
+    booked: f64,
+}
+
+impl KeyingGap {
+    fn unattributed(&mut self, all: f64, keyed: f64) -> f64 {
+        self.balance += all - keyed;
+        let now = (self.balance - self.booked).max(0.0);
+        self.booked += now;
+        now
+    }
+}
+
 /// Parses `ctguard top --json` output: one `ctguard.top.v1` document per
 /// line; blank lines are skipped, anything else is an error naming the line.
 pub fn parse_top_json(text: &str) -> Result<TopFile, String> {
@@ -464,6 +491,7 @@ pub fn parse_top_json(text: &str) -> Result<TopFile, String> {
         key_mode: None,
         truncated_documents: 0,
     };
+    let mut gap = KeyingGap::default();
     for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
         let n = i + 1;
         let doc: Value = serde_json::from_str(line).map_err(|e| format!("line {n}: not JSON ({e})"))?;
@@ -492,8 +520,8 @@ pub fn parse_top_json(text: &str) -> Result<TopFile, String> {
         if doc.get("keys_hidden").and_then(Value::as_u64).unwrap_or(0) > 0 {
             file.truncated_documents += 1;
         }
-        let keyed_per_s: f64 = keys.iter().map(|k| k.inserts).sum::<f64>() / dt_s;
-        let unattributed = (new_per_s - keyed_per_s).max(0.0) * dt_s;
+        let keyed: f64 = keys.iter().map(|k| k.inserts).sum();
+        let unattributed = gap.unattributed(new_per_s * dt_s, keyed);
         for table in doc.get("tables").and_then(Value::as_array).into_iter().flatten() {
             let (Some(netns), Some(entries)) =
                 (table.get("netns").and_then(Value::as_u64), table.get("entries").and_then(Value::as_u64))
@@ -539,6 +567,50 @@ mod tests {
 
     fn key(netns: u32, proto: Option<u8>, dport: u16, inserts: f64) -> KeyCount {
         KeyCount { netns, proto, dport: proto.map(|_| dport), inserts }
+    }
+
+    /// A snapshot whose totals and keys were read at different moments:
+    /// `all` new entries in COUNTERS, `udp53` keyed under 53/udp.
+    fn skewed_snapshot(at: std::time::Instant, all: u64, udp53: u64, lost_keys: u64) -> Snapshot {
+        use ctguard_ebpf::{ChurnValue, FlowTuple, counter};
+        let mut counters = [0; counter::COUNT as usize];
+        counters[counter::CT_ALLOCATED as usize] = all;
+        counters[counter::OTHER_OVERFLOW as usize] = lost_keys;
+        let key = ChurnKey {
+            netns: 7,
+            tuple: FlowTuple { proto: 17, dport: 53, ..Default::default() },
+            ..Default::default()
+        };
+        Snapshot::new(at, counters, vec![(key, ChurnValue { inserts: udp53, ..Default::default() })], vec![])
+    }
+
+    #[test]
+    fn read_skew_between_totals_and_keys_adds_nothing() {
+        // The keys were read a moment after the totals while traffic ran:
+        // the middle snapshot has 15 more keyed entries than counted ones.
+        let t0 = std::time::Instant::now();
+        let s = [
+            skewed_snapshot(t0, 0, 0, 0),
+            skewed_snapshot(t0 + std::time::Duration::from_secs(1), 500, 515, 0),
+            skewed_snapshot(t0 + std::time::Duration::from_secs(2), 1000, 1000, 0),
+        ];
+        let intervals = [interval_between(&s[0], &s[1]), interval_between(&s[1], &s[2])];
+        assert_eq!(intervals.iter().map(Interval::total).sum::<f64>(), 1000.0);
+        assert!(intervals.iter().all(|i| i.unattributed == 0.0));
+        // Entries the kernel could not key at all are the unattributed ones.
+        let lost = skewed_snapshot(t0 + std::time::Duration::from_secs(3), 1010, 1000, 10);
+        assert_eq!(interval_between(&s[2], &lost).unattributed, 10.0);
+    }
+
+    #[test]
+    fn keying_gap_carries_read_skew_forward() {
+        let mut gap = KeyingGap::default();
+        // 15 keyed entries show up one document early: nothing is booked
+        // twice, and a real gap (20 hidden keys) still is.
+        assert_eq!(gap.unattributed(485.0, 500.0), 0.0);
+        assert_eq!(gap.unattributed(515.0, 500.0), 0.0);
+        assert_eq!(gap.unattributed(520.0, 500.0), 20.0);
+        assert_eq!(gap.unattributed(500.0, 500.0), 0.0);
     }
 
     #[test]
