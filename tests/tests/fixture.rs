@@ -180,3 +180,23 @@ fn max_lowered_by_a_killed_run_is_restored_next_time() {
     assert!(!Path::new(max::STATE_FILE).exists());
     drop(lock);
 }
+
+#[test]
+fn max_lowered_by_a_killed_lab_is_restored_by_the_next_test() {
+    // `ctguard lab` and this fixture share one state file: a lab killed while
+    // the limit was lowered must not make the next test take the lowered
+    // value for the original.
+    let lock = SerialGuard::acquire();
+    let original = max::read_max();
+    let lab_guard = ctguard::lab::max_guard::MaxGuard::lower(original - 100).expect("lower as the lab does");
+    // A killed process runs no Drop.
+    std::mem::forget(lab_guard);
+    let lowered = max::read_max();
+    let restored = MaxGuard::restore_stale();
+    let after = max::read_max();
+    assert_eq!(lowered, original - 100);
+    assert_eq!(restored, Some(original));
+    assert_eq!(after, original);
+    assert!(!Path::new(max::STATE_FILE).exists());
+    drop(lock);
+}
