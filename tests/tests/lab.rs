@@ -32,6 +32,11 @@ fn lab_script_runs_the_story_and_cleans_up() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "lab failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("ctguard matched the kernel's drop counter"), "{stdout}");
+    // Matching is only worth something when there were drops to catch.
+    let before = stdout.lines().find_map(|l| l.trim().strip_prefix("before the fix: ")).expect("the summary line");
+    let dropped: u64 = before.split_whitespace().next().unwrap().parse().unwrap();
+    assert!(dropped > 1000, "the first round should overflow a 2048-entry table with 6000 flows: {before}");
+    assert!(before.contains(&format!("({dropped} vs {dropped})")), "{before}");
     assert!(stdout.contains("after bypassing 5353/udp: 0 of 6000 flows dropped"), "{stdout}");
     assert!(stdout.contains("$ ctguard recommend --from-top"), "{stdout}");
     assert_eq!(read_max(), max_before, "nf_conntrack_max restored");
@@ -81,4 +86,56 @@ fn lab_cleans_up_on_sigterm_and_after_sigkill() {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+#[test]
+fn interactive_lab_stops_on_ctrl_c_at_a_prompt_and_cleans_up() {
+    require_root();
+    let _serial = SerialGuard::acquire();
+    let max_before = read_max();
+    // A real terminal (tmux), so the lab waits for Enter between acts.
+    let session = format!("ctg-lab-{}", std::process::id());
+    let status_file = std::env::temp_dir().join(format!("{session}.status"));
+    let _ = std::fs::remove_file(&status_file);
+    let script = format!(
+        "{} lab --max 777 --flows 2000; echo $? > {}; sleep 30",
+        ctguard_bin().display(),
+        status_file.display()
+    );
+    let tmux = |args: &[&str]| {
+        let out = Command::new("tmux").args(args).output().expect("tmux (cargo xtask setup installs it)");
+        assert!(out.status.success(), "tmux {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    tmux(&["new-session", "-d", "-s", &session, "-x", "150", "-y", "45", &script]);
+    struct Kill(String);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = Command::new("tmux").args(["kill-session", "-t", &self.0]).output();
+        }
+    }
+    let _kill = Kill(session.clone());
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        let screen = tmux(&["capture-pane", "-p", "-t", &session]);
+        if screen.contains("(Enter to continue)") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the lab never paused:\n{screen}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(read_max(), 777, "the lab lowered nf_conntrack_max before its first pause");
+    tmux(&["send-keys", "-t", &session, "C-c"]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut status = String::new();
+    while status.trim().is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        status = std::fs::read_to_string(&status_file).unwrap_or_default();
+    }
+    let _ = std::fs::remove_file(&status_file);
+    let screen = tmux(&["capture-pane", "-p", "-t", &session]);
+    assert!(!status.trim().is_empty(), "Ctrl-C at the prompt did not stop the lab:\n{screen}");
+    assert_ne!(status.trim(), "0", "an interrupted lab reports failure:\n{screen}");
+    assert_eq!(read_max(), max_before, "nf_conntrack_max restored after Ctrl-C");
+    assert!(lab_namespaces().is_empty(), "Ctrl-C left {:?}", lab_namespaces());
 }

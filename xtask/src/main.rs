@@ -3,7 +3,7 @@
 //!
 //! - `setup`: install what building and testing need (idempotent);
 //! - `test`:  setup, then every test tier, with one summary line each;
-//! - `demo`:  setup, build ctguard, run `ctguard doctor` and `ctguard status` here;
+//! - `demo`:  setup, build ctguard, run `ctguard doctor`, then the `ctguard lab` story;
 //! - `vm-test`: the privileged integration suite under stock Debian kernels in qemu.
 mod bench;
 mod demo;
@@ -38,8 +38,10 @@ enum Task {
     /// "privileged integration" (root, serial, in network namespaces) and
     /// "vm" (the privileged suite under stock Debian kernels in qemu).
     Test(test::TestArgs),
-    /// Run setup, build ctguard (release) and run `ctguard doctor` and
-    /// `ctguard status --netns all` on this host.
+    /// Run setup, build ctguard (release), run `ctguard doctor` on this host,
+    /// then `ctguard lab`: a flood fills a throw-away table, ctguard explains
+    /// the drops, recommends limits and bypasses the hot port (`--script`
+    /// when there is no terminal).
     Demo,
     /// Run the privileged integration suite under stock Debian kernels
     /// (downloaded through apt, cached) in qemu; no KVM needed. Exits with the

@@ -29,9 +29,10 @@ pub struct LabArgs {
     /// New flows per load round.
     #[arg(long, default_value_t = 20_000)]
     pub flows: u64,
-    /// Flows per second (unset: as fast as possible).
-    #[arg(long, default_value = "10000")]
-    pub rate: Option<u64>,
+    /// Flows per second; 0 sends as fast as this machine can (the default
+    /// keeps each round a few seconds long, so the narration can follow it).
+    #[arg(long, default_value_t = 10_000)]
+    pub rate: u64,
     /// The port most flows go to (and that the fix exempts from tracking).
     #[arg(long, default_value_t = 5353)]
     pub hot_port: u16,
@@ -47,9 +48,9 @@ pub fn run(args: &LabArgs) -> anyhow::Result<ExitCode> {
     match &args.command {
         Some(LabCommand::Flood(f)) => flood_cmd::run(f),
         None => {
-            if args.max == 0 || args.flows == 0 || args.rate == Some(0) {
+            if args.max == 0 || args.flows == 0 {
                 return Err(crate::error::CtguardError::usage(
-                    "--max, --flows and --rate must be greater than 0",
+                    "--max and --flows must be greater than 0",
                     "e.g. ctguard lab --max 1024 --flows 20000 --rate 10000",
                 )
                 .into());

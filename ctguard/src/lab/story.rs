@@ -50,13 +50,29 @@ impl Narrator {
     fn say(&self, text: impl AsRef<str>) {
         println!("      {}", text.as_ref());
     }
-    /// In a terminal (and not --script), waits for Enter between acts.
+    /// In a terminal (and not --script), waits for Enter between acts, or
+    /// for Ctrl-C / SIGTERM (the caller then checks [`stopped`]). It polls
+    /// rather than blocking in `read_line`, which retries after a signal and
+    /// would keep the lab waiting for Enter after Ctrl-C.
     fn pause(&self) {
-        if !self.script && std::io::stdin().is_terminal() {
-            print!("      (Enter to continue) ");
-            let _ = std::io::stdout().flush();
-            let _ = std::io::stdin().lock().read_line(&mut String::new());
+        if self.script || !std::io::stdin().is_terminal() {
+            return;
         }
+        print!("      (Enter to continue) ");
+        let _ = std::io::stdout().flush();
+        let mut stdin = libc::pollfd { fd: libc::STDIN_FILENO, events: libc::POLLIN, revents: 0 };
+        while !STOP.load(Ordering::Relaxed) {
+            // SAFETY: one valid pollfd for the duration of the call.
+            let ready = unsafe { libc::poll(&mut stdin, 1, 200) };
+            if ready > 0 {
+                let _ = std::io::stdin().lock().read_line(&mut String::new());
+                return;
+            }
+            if ready < 0 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+                return;
+            }
+        }
+        println!();
     }
 }
 
@@ -193,7 +209,7 @@ fn flood_round(
 
     let done = Arc::new(AtomicBool::new(false));
     let flows = args.flows;
-    let rate = args.rate;
+    let rate = (args.rate > 0).then_some(args.rate);
     let sender = {
         let done = done.clone();
         std::thread::spawn(move || {

@@ -17,7 +17,7 @@ use ratatui::{
     layout::{Constraint, Layout, Rect},
     style::{Color, Modifier, Style},
     text::Line,
-    widgets::{Block, Borders, Clear, Gauge, Paragraph, Row, Sparkline, Table},
+    widgets::{Block, Borders, Clear, Gauge, Paragraph, RenderDirection, Row, Sparkline, Table},
 };
 
 use super::{
@@ -59,6 +59,8 @@ struct App {
     /// Some while the user types a filter.
     input: Option<String>,
     message: Option<String>,
+    /// The two latest samples: the frame is computed between them.
+    before: Option<Sample>,
     prev: Option<Sample>,
     frame: Option<Frame>,
     fill_history: VecDeque<u64>,
@@ -74,8 +76,11 @@ pub fn run(args: &TopArgs, opts: &SensorOptions, filter: KeyFilter) -> anyhow::R
     let backend = format!("{:?}", sampler.backend());
     // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
     unsafe {
-        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
-        libc::signal(libc::SIGHUP, on_signal as *const () as libc::sighandler_t);
+        // In raw mode Ctrl-C arrives as a key, but a SIGINT or SIGQUIT sent by
+        // another process would otherwise kill us with the terminal raw.
+        for sig in [libc::SIGTERM, libc::SIGHUP, libc::SIGINT, libc::SIGQUIT] {
+            libc::signal(sig, on_signal as *const () as libc::sighandler_t);
+        }
     }
     let (mode_tx, mode_rx) = mpsc::channel::<KeyMode>();
     let (tx, rx) = mpsc::channel::<Update>();
@@ -96,6 +101,7 @@ pub fn run(args: &TopArgs, opts: &SensorOptions, filter: KeyFilter) -> anyhow::R
         help: false,
         input: None,
         message: None,
+        before: None,
         prev: None,
         frame: None,
         fill_history: VecDeque::new(),
@@ -154,10 +160,14 @@ fn ui_loop(
         if STOP.load(Ordering::Relaxed) || duration.is_some_and(|d| app.started.elapsed() >= d) {
             return Ok(());
         }
-        for update in rx.try_iter() {
-            match update {
-                Update::Sample(s) => app.absorb(s),
-                Update::Error(e) => anyhow::bail!("sampling failed: {e}"),
+        loop {
+            match rx.try_recv() {
+                Ok(Update::Sample(s)) => app.absorb(s),
+                Ok(Update::Error(e)) => anyhow::bail!("sampling failed: {e}"),
+                Err(mpsc::TryRecvError::Empty) => break,
+                // The sampler only hangs up by panicking: stop rather than
+                // keep drawing numbers that no longer change.
+                Err(mpsc::TryRecvError::Disconnected) => anyhow::bail!("the sampling thread stopped unexpectedly"),
             }
         }
         terminal.draw(|f| draw(f, app))?;
@@ -201,6 +211,7 @@ fn ui_loop(
             }
             KeyCode::Char('b') => {
                 app.mode = next_mode(app.mode);
+                app.before = None;
                 app.prev = None;
                 app.frame = None;
                 let _ = mode_tx.send(app.mode);
@@ -226,21 +237,38 @@ impl App {
             push(&mut self.drop_history, frame.rates.drops_per_s.values().sum::<f64>().round() as u64);
             self.frame = Some(frame);
         }
-        self.prev = Some(s);
+        self.before = self.prev.replace(s);
     }
 
     fn compute(&self, prev: &Sample, cur: &Sample) -> Frame {
         model::frame(prev, cur, &FrameOptions { mode: self.mode, sort: self.sort, top: self.top, filter: &self.filter })
     }
 
-    /// Re-sorts / re-filters the current frame without waiting for a sample.
+    /// Recomputes the frame between the last two samples with the current
+    /// sort and filter, so a key press shows its effect at once (and rows a
+    /// filter or sort brings in are not missing until the next sample).
     fn recompute(&mut self) {
-        if let Some(frame) = &mut self.frame {
-            let mut keys = std::mem::take(&mut frame.keys);
-            model::select_top(&mut keys, self.top, self.sort);
-            frame.keys = keys;
+        if self.frame.is_none() {
+            return;
+        }
+        if let (Some(before), Some(prev)) = (&self.before, &self.prev) {
+            self.frame = Some(self.compute(before, prev));
         }
     }
+}
+
+/// A sparkline of a history given newest first. A sparkline draws as many
+/// points as it is wide, starting from the first: drawn right to left, the
+/// newest sample stays at the right edge and the oldest scroll out.
+fn history_chart<'a>(title: &'a str, newest_first: &'a [u64]) -> Sparkline<'a> {
+    Sparkline::default()
+        .block(Block::bordered().title(title))
+        .direction(RenderDirection::RightToLeft)
+        .data(newest_first)
+}
+
+fn newest_first(h: &VecDeque<u64>) -> Vec<u64> {
+    h.iter().rev().copied().collect()
 }
 
 fn push(h: &mut VecDeque<u64>, v: u64) {
@@ -371,19 +399,10 @@ fn draw(f: &mut TermFrame<'_>, app: &App) {
 
     let [fill_area, drop_area] =
         Layout::horizontal([Constraint::Percentage(50), Constraint::Percentage(50)]).areas(charts);
-    let fill: Vec<u64> = app.fill_history.iter().copied().collect();
-    let drops: Vec<u64> = app.drop_history.iter().copied().collect();
-    f.render_widget(
-        Sparkline::default().block(Block::bordered().title(" fill % (max over tables) ")).data(&fill).max(100),
-        fill_area,
-    );
-    f.render_widget(
-        Sparkline::default()
-            .block(Block::bordered().title(" drops/s "))
-            .data(&drops)
-            .style(Style::new().fg(Color::Red)),
-        drop_area,
-    );
+    let fill = newest_first(&app.fill_history);
+    let drops = newest_first(&app.drop_history);
+    f.render_widget(history_chart(" fill % (max over tables) ", &fill).max(100), fill_area);
+    f.render_widget(history_chart(" drops/s ", &drops).style(Style::new().fg(Color::Red)), drop_area);
     draw_keys(f, keys, frame, app);
     draw_footer(f, footer, app);
     if app.help {
@@ -494,6 +513,26 @@ fn draw_help(f: &mut TermFrame<'_>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn charts_show_the_newest_samples_at_the_right_edge() {
+        use ratatui::{buffer::Buffer, widgets::Widget};
+        // Far more history than the chart is wide: 0 for a long time, then
+        // a spike in the newest sample only.
+        let mut history = VecDeque::new();
+        for _ in 0..HISTORY {
+            push(&mut history, 0);
+        }
+        push(&mut history, 100);
+        let data = newest_first(&history);
+        let area = Rect::new(0, 0, 12, 4);
+        let mut buf = Buffer::empty(area);
+        history_chart("t", &data).max(100).render(area, &mut buf);
+        // Inside the border: columns 1..=10, rows 1..=2.
+        assert_eq!(buf[(10, 1)].symbol(), "█", "newest sample at the right edge");
+        assert_eq!(buf[(10, 2)].symbol(), "█");
+        assert_eq!(buf[(9, 2)].symbol(), " ", "older samples were 0");
+    }
 
     #[test]
     fn filter_commands() {
