@@ -243,7 +243,7 @@ fn a_table_full_flood_fires_and_the_bundle_holds_exactly_the_dropped_packets() {
         assert_eq!(e["flow"]["dport"], FLOOD_PORT);
         assert_eq!(e["netns_label"], lab.name(Side::B));
         assert_eq!(e["wire_len"], 36);
-        assert_eq!(e["captured_len"], 36);
+        assert_eq!(e["captured_len"], 28, "headers only");
     }
 
     // drops.pcapng: exactly the drop events, in order, same bytes and times.
@@ -259,7 +259,7 @@ fn a_table_full_flood_fires_and_the_bundle_holds_exactly_the_dropped_packets() {
         assert!(c.contains("confidence=") && c.contains("location="), "{c}");
         if e["netns"] == inode {
             assert_eq!(p.original_len, 36);
-            assert_eq!(p.data.len(), 36, "headers and the 8-byte payload, under --snap-bytes 128");
+            assert_eq!(p.data.len(), 28, "IPv4 and UDP headers only: no --snap-bytes, no payload");
             assert_eq!(p.data[0], 0x45, "an IPv4 header");
             assert_eq!(p.data[9], 17, "UDP");
             assert_eq!(u16::from_be_bytes([p.data[22], p.data[23]]), e["flow"]["dport"].as_u64().unwrap() as u16);
@@ -404,6 +404,8 @@ fn a_wrapped_load_test_that_overflows_the_table_exits_3() {
         "4s",
         "--interval",
         "500ms",
+        "--snap-bytes",
+        "64",
         "--dir",
         dir.to_str().unwrap(),
         "--",
@@ -433,6 +435,12 @@ fn a_wrapped_load_test_that_overflows_the_table_exits_3() {
     let events = json_lines(&bundles[0].join("events.jsonl"));
     let full = events.iter().filter(|e| e["netns"] == inode && e["cause"] == "table_full").count() as u64;
     assert_eq!(full, kernel_drops, "every drop of the flood is in the bundle");
+    // --snap-bytes 64 opts into payload: the whole 36-byte packets are kept.
+    let packets = pcapng::read_packets(&bundles[0].join("drops.pcapng")).expect("pcap-file reads the bundle");
+    let lab_packets: Vec<_> =
+        packets.iter().filter(|p| p.comment.as_deref().unwrap_or("").contains(&format!("netns={inode} "))).collect();
+    assert_eq!(lab_packets.len() as u64, kernel_drops);
+    assert!(lab_packets.iter().all(|p| p.data.len() == 36 && p.original_len == 36), "headers and payload kept");
     let md = std::fs::read_to_string(bundles[0].join("summary.md")).unwrap();
     assert!(md.contains("**Wrapped command**: `sleep 3` (exited with 0)"), "{md}");
 }

@@ -5,7 +5,7 @@
 //! |---|---|
 //! | `summary.md` | what a human reads first: what fired, when, peaks, top offenders, suggested fix |
 //! | `summary.json` | the same, for scripts (schema `ctguard.capture.summary.v1`) |
-//! | `drops.pcapng` | the dropped packets' first `--snap-bytes` bytes, one per drop event |
+//! | `drops.pcapng` | the dropped packets' headers (or first `--snap-bytes` bytes), one per drop event |
 //! | `events.jsonl` | every event of the window, one JSON object per line |
 //! | `stats.jsonl` | one stat snapshot per `--interval` (a `ctguard top --json` frame plus exact counts) |
 //! | `top.json` | top keys by churn and by drops at trigger time |
@@ -25,7 +25,10 @@ use std::{
 
 use serde::Serialize;
 
-use super::pcapng::{DropWriter, PacketRecord};
+use super::{
+    pcapng::{DropWriter, PacketRecord},
+    snap::Snap,
+};
 use crate::{
     sensors::{
         KeyMode,
@@ -331,13 +334,13 @@ pub struct Bundle {
     pcap: DropWriter<BufWriter<File>>,
     stats: BufWriter<File>,
     trigger_unix_ns: u64,
-    snap_bytes: usize,
+    snap: Snap,
     pub totals: Totals,
 }
 
 impl Bundle {
     /// Creates the directory and the streamed files.
-    pub fn create(root: &Path, trigger_unix_ns: u64, index: u32, snap_bytes: u32) -> anyhow::Result<Bundle> {
+    pub fn create(root: &Path, trigger_unix_ns: u64, index: u32, snap: Snap) -> anyhow::Result<Bundle> {
         let dir = create_bundle_dir(root, trigger_unix_ns, index)?;
         let open = |name: &str| -> anyhow::Result<BufWriter<File>> {
             let path = dir.join(name);
@@ -345,17 +348,9 @@ impl Bundle {
         };
         let events = open("events.jsonl")?;
         let stats = open("stats.jsonl")?;
-        let pcap =
-            DropWriter::new(open("drops.pcapng")?, snap_bytes).map_err(|e| io_err(&dir.join("drops.pcapng"), e))?;
-        Ok(Bundle {
-            dir,
-            events,
-            pcap,
-            stats,
-            trigger_unix_ns,
-            snap_bytes: snap_bytes as usize,
-            totals: Totals::default(),
-        })
+        let pcap = DropWriter::new(open("drops.pcapng")?, snap.capture_bytes())
+            .map_err(|e| io_err(&dir.join("drops.pcapng"), e))?;
+        Ok(Bundle { dir, events, pcap, stats, trigger_unix_ns, snap, totals: Totals::default() })
     }
 
     /// Appends an event to events.jsonl and, for a drop, its packet to drops.pcapng.
@@ -363,7 +358,7 @@ impl Bundle {
         let mut pcap_frame = None;
         if ev.kind == EventKind::Drop {
             let (wire_len, data): (u32, &[u8]) = match &ev.packet {
-                Some(p) => (p.wire_len, &p.data),
+                Some(p) => (p.wire_len, self.snap.cut(&p.data)),
                 None => (0, &[]),
             };
             let rec = PacketRecord {
@@ -384,7 +379,7 @@ impl Bundle {
             location_symbol: ctx.location_symbol,
             netns_label: ctx.netns_label,
             wire_len: ev.packet.as_ref().map(|p| p.wire_len),
-            captured_len: ev.packet.as_ref().map(|p| p.data.len().min(self.snap_bytes)),
+            captured_len: ev.packet.as_ref().map(|p| self.snap.cut(&p.data).len()),
             pcap_frame,
         };
         serde_json::to_writer(&mut self.events, &line)?;
@@ -1212,7 +1207,7 @@ mod tests {
         let root = tempfile::tempdir().unwrap();
         let out = root.path().join("captures");
         let t0 = 1_709_251_198_000_000_000;
-        let mut b = Bundle::create(&out, t0, 1, 128).unwrap();
+        let mut b = Bundle::create(&out, t0, 1, Snap::Headers).unwrap();
         assert!(b.dir.file_name().unwrap().to_string_lossy().starts_with("capture-20240229T235958Z-1"));
         let pkt = CapturedPacket { wire_len: 36, data: vec![0x45; 36] };
         let ctx =
@@ -1237,6 +1232,9 @@ mod tests {
         let packets = super::super::pcapng::read_packets(&dir.join("drops.pcapng")).unwrap();
         assert_eq!(packets.len(), 3);
         assert_eq!(packets[0].time_unix_ns, t0 - 1_000_000_000);
+        // Headers only: the 20-byte IPv4 header of protocol 0x45 (unknown,
+        // so no transport header), and the whole packet's length.
+        assert_eq!((packets[0].data.len(), packets[0].original_len), (20, 36));
         let c = packets[1].comment.as_deref().unwrap();
         assert!(
             c.contains("cause=table_full confidence=likely netns=7 (lb) ifindex=3 location=nf_hook_slow+0x7d"),
@@ -1253,6 +1251,7 @@ mod tests {
         assert_eq!(lines[0]["rel_trigger_s"], -1.0);
         assert_eq!(lines[0]["cause"], "ruleset");
         assert_eq!(lines[0]["pcap_frame"], 1);
+        assert_eq!((lines[0]["wire_len"].as_u64(), lines[0]["captured_len"].as_u64()), (Some(36), Some(20)));
         assert_eq!(lines[1]["phase"], "post");
         assert_eq!(lines[1]["location_symbol"], "nf_hook_slow+0x7d");
         assert_eq!(lines[2]["wire_len"], serde_json::Value::Null);
@@ -1268,8 +1267,15 @@ mod tests {
         assert_eq!(js["events"]["complete"], true);
 
         // A second bundle in the same second gets its own directory.
-        let b2 = Bundle::create(&out, t0, 1, 128).unwrap();
+        // With --snap-bytes, the first N bytes, payload included.
+        let mut b2 = Bundle::create(&out, t0, 1, Snap::Bytes(30)).unwrap();
         assert!(b2.dir.to_string_lossy().ends_with("-1.2"));
+        let pkt = CapturedPacket { wire_len: 36, data: vec![0x45; 36] };
+        b2.write_event(&drop_event(1, Cause::TableFull, Some(pkt)), &ctx(t0)).unwrap();
+        let dir2 = b2.dir.clone();
+        b2.finish(&build_summary(summary_input(&dir2), &Totals::default())).unwrap();
+        let packets = super::super::pcapng::read_packets(&dir2.join("drops.pcapng")).unwrap();
+        assert_eq!((packets[0].data.len(), packets[0].original_len), (30, 36));
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! `ctguard capture`: armed triggers during load tests.
 //!
-//! The sensors run with packet capture on (`--snap-bytes` of every dropped
-//! packet, from its network header). Every drop event goes into a
+//! The sensors run with packet capture on (the first bytes of every dropped
+//! packet from its network header; bundles keep its headers only, or
+//! `--snap-bytes`, see [`snap`]). Every drop event goes into a
 //! pre-trigger ring ([`window::PreRing`], bounded by `--pre` and
 //! `--pre-max-events`); every `--interval` a stat snapshot (a `top` frame
 //! plus exact counts) is taken and the triggers ([`trigger`]; grammar in its
@@ -20,6 +21,7 @@
 //! `wrap` (the child process); this file holds the arguments and the loop.
 pub mod bundle;
 pub mod pcapng;
+pub mod snap;
 pub mod trigger;
 pub mod window;
 pub mod wrap;
@@ -74,8 +76,8 @@ fn long_help() -> String {
 (at most --pre-max-events) and takes a stat snapshot every --interval. When a trigger holds it writes a \
 bundle to DIR/capture-<UTC time>-<n>/ (directory 0700, files 0600):\n\n  \
 summary.md / summary.json   what fired, when, peaks, drops by cause, top offenders, suggested fix\n  \
-drops.pcapng                the dropped packets' first --snap-bytes bytes (raw IP, wall-clock time,\n                              \
-original length, a comment with cause, confidence, netns and drop location)\n  \
+drops.pcapng                the dropped packets' headers, or first --snap-bytes bytes (raw IP, wall-clock\n                              \
+time, original length, a comment with cause, confidence, netns and drop location)\n  \
 events.jsonl                every event of the window (--pre before the trigger, --post after)\n  \
 stats.jsonl                 one stat snapshot per --interval (a `top --json` frame plus exact counts)\n  \
 top.json                    top keys by churn and by drops at trigger time\n  \
@@ -127,9 +129,10 @@ pub struct CaptureArgs {
     /// Write bundles under this directory (created 0700 when a trigger first fires).
     #[arg(long, value_name = "DIR", default_value = "ctguard-captures")]
     pub dir: PathBuf,
-    /// Bytes of each dropped packet to keep, from its IP header (headers only by default, for privacy; max 256).
-    #[arg(long, value_name = "N", default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..=256))]
-    pub snap_bytes: u32,
+    /// Keep the first N bytes of each dropped packet from its IP header, payload included (max 256).
+    /// Unset: headers only (IP and TCP/UDP/ICMP/SCTP, never payload), because bundles travel.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub snap_bytes: Option<u32>,
     /// Time between stat snapshots and trigger evaluations.
     #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = crate::util::parse_duration)]
     pub interval: Duration,
@@ -264,7 +267,7 @@ pub fn run(args: &CaptureArgs) -> anyhow::Result<ExitCode> {
         key_mode: args.by,
         ring_bytes: args.ring_kib * 1024,
         backend: args.backend,
-        capture_bytes: args.snap_bytes,
+        capture_bytes: snap::Snap::from_arg(args.snap_bytes).capture_bytes(),
         ..Default::default()
     };
     // The sensors first: without privileges their error is the one to see.
@@ -635,7 +638,7 @@ impl<'a> Session<'a> {
     fn fire(&mut self, now: u64, t: &Armed, v: trigger::Value, obs: &Observation, prev: &Sample) -> anyhow::Result<()> {
         let w = self.schedule.fire(now).expect("fire only when armed");
         let wall = self.decor.clock.wall(now);
-        let mut bundle = Bundle::create(&self.args.dir, wall, w.index, self.args.snap_bytes)?;
+        let mut bundle = Bundle::create(&self.args.dir, wall, w.index, snap::Snap::from_arg(self.args.snap_bytes))?;
         let (pre_events, discarded) = self.events.take_since(w.start_ns);
         for (_, ev) in &pre_events {
             self.decor.write(&mut bundle, ev)?;
@@ -947,7 +950,7 @@ mod tests {
             (a.pre, a.post, a.cooldown, a.interval),
             (Duration::from_secs(10), Duration::from_secs(20), Duration::from_secs(30), Duration::from_secs(1))
         );
-        assert_eq!((a.pre_max_events, a.max_captures, a.snap_bytes), (100_000, 1, 128));
+        assert_eq!((a.pre_max_events, a.max_captures, a.snap_bytes), (100_000, 1, None));
         assert_eq!(a.dir, PathBuf::from("ctguard-captures"));
         assert_eq!(check_args(&a).unwrap().len(), 1);
         let a = args(&["--trigger", "fill>90%", "--trigger", "drops/s>100"]).unwrap();
