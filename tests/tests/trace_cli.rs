@@ -70,3 +70,49 @@ fn trace_json_shows_table_full_drops_during_a_flood() {
     assert_eq!(rec["kernel_drop"], kernel_drops);
     assert_eq!(rec["exact"], true, "{rec}");
 }
+
+#[test]
+fn iptables_legacy_drops_of_new_flows_are_reconciled_to_ruleset() {
+    // An iptables-legacy rule drops new flows in nf_hook_slow with their
+    // unconfirmed entry attached: at kfree_skb that looks like a failed
+    // confirm. The kernel's insert_failed counter does not rise, and the
+    // summary's reconciliation says what it was.
+    const FLOWS: u64 = 40;
+    let lab = Lab::new("trace_ipt");
+    lab.enable_conntrack();
+    lab.exec(Side::B, &["iptables-legacy", "-A", "INPUT", "-p", "udp", "--dport", "7777", "-j", "DROP"]);
+    let inode: u64 = lab.netns_inode(Side::B).into();
+    let mut child = Command::new(ctguard_bin())
+        .args(["trace", "--json", "--netns", &inode.to_string(), "--duration", "6"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start ctguard trace");
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    stderr.read_line(&mut line).unwrap();
+    assert!(line.contains("tracing"), "unexpected first stderr line: {line}");
+    let before = lab.kernel_stats();
+    lab.send_udp_flows(FLOWS, &[7777]);
+    let after = lab.kernel_stats();
+    let out = child.wait_with_output().expect("trace exits after --duration");
+    assert!(out.status.success(), "trace failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(after["insert_failed"] - before["insert_failed"], 0, "no confirm failed");
+    assert_eq!(after["drop"] - before["drop"], 0, "conntrack refused nothing");
+
+    let lines: Vec<serde_json::Value> =
+        String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let (summary, events) = lines.split_last().expect("at least the summary");
+    // What the kernel programs could see at the drop:
+    assert_eq!(events.iter().filter(|e| e["flow"]["dport"] == 7777).count() as u64, FLOWS);
+    assert!(events.iter().all(|e| e["cause"] == "insert_failed"), "{events:?}");
+    let rec = summary["reconciliation"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["netns"].as_u64() == Some(inode))
+        .unwrap_or_else(|| panic!("no reconciliation row for netns {inode}: {summary}"));
+    assert_eq!(rec["moved_to_ruleset"]["insert_failed"], FLOWS, "{rec}");
+    assert_eq!(rec["reconciled"], serde_json::json!({ "ruleset": FLOWS }), "{rec}");
+    assert_eq!(rec["exact"], true, "{rec}");
+}

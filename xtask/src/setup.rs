@@ -34,6 +34,9 @@ pub const PACKAGES: &[&str] = &[
     // against a bpftrace one-liner.
     "tmux",
     "bpftrace",
+    // iptables-legacy: a rule that drops new flows outside nftables, which
+    // the trace test must tell apart from conntrack's own refusals.
+    "iptables",
 ];
 
 /// The toolchain that builds the eBPF crate (aya-build's `Toolchain::default()`).

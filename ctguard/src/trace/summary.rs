@@ -44,7 +44,12 @@ pub struct Reconciliation {
     pub kernel_early_drop: u64,
     pub ctguard_table_full: u64,
     pub ctguard_insert_failed: u64,
-    /// ctguard's table_full count equals the kernel's `drop` counter.
+    /// ctguard's drops of this namespace after checking each conntrack cause
+    /// against the kernel counter that cause bumps (see [`reconcile`]).
+    pub reconciled: BTreeMap<Cause, u64>,
+    /// Drops moved to `ruleset` by that check, per cause they were first given.
+    pub moved_to_ruleset: BTreeMap<Cause, u64>,
+    /// The reconciled table_full count equals the kernel's `drop` counter.
     pub exact: bool,
 }
 
@@ -96,7 +101,18 @@ fn key_bytes(k: &ctguard_ebpf::ChurnKey) -> (u32, u16, u8, [u8; 16], [u8; 16], u
     (k.netns, k.zone, k.other, t.saddr, t.daddr, t.sport, t.dport, t.ip_version, t.proto)
 }
 
-/// Compares the kernel counter deltas of one namespace with ctguard's drops there.
+/// Compares the kernel counter deltas of one namespace with ctguard's drops
+/// there, and corrects what the kernel programs could only guess.
+///
+/// At `kfree_skb` a conntrack refusal and a rule's verdict can look alike:
+/// an iptables-legacy rule that drops a new flow frees it in `nf_hook_slow`
+/// with an unconfirmed entry attached, exactly like a failed confirm; a rule
+/// in a chain that runs before conntrack (or where conntrack is off) drops a
+/// packet with no entry, like a refused allocation or an invalid packet. The
+/// kernel counts its own refusals, so each conntrack cause can hold at most
+/// what its counter rose by: `table_full` ≤ `drop`, `insert_failed` ≤
+/// `insert_failed`, `ct_invalid` ≤ `invalid`. Whatever ctguard booked beyond
+/// that was a rule's verdict and moves to `ruleset`.
 pub fn reconcile(
     netns: u32,
     label: String,
@@ -105,6 +121,20 @@ pub fn reconcile(
 ) -> Reconciliation {
     let k = |name: &str| kernel_delta.get(name).copied().unwrap_or(0);
     let c = |cause: Cause| ctguard.get(&cause).copied().unwrap_or(0);
+    let mut reconciled = ctguard.clone();
+    let mut moved_to_ruleset = BTreeMap::new();
+    for (cause, ceiling) in
+        [(Cause::TableFull, k("drop")), (Cause::InsertFailed, k("insert_failed")), (Cause::CtInvalid, k("invalid"))]
+    {
+        let excess = c(cause).saturating_sub(ceiling);
+        if excess > 0 {
+            reconciled.insert(cause, ceiling);
+            *reconciled.entry(Cause::Ruleset).or_default() += excess;
+            moved_to_ruleset.insert(cause, excess);
+        }
+    }
+    reconciled.retain(|_, n| *n > 0);
+    let table_full = reconciled.get(&Cause::TableFull).copied().unwrap_or(0);
     Reconciliation {
         netns,
         label,
@@ -115,8 +145,11 @@ pub fn reconcile(
         ctguard_table_full: c(Cause::TableFull),
         ctguard_insert_failed: c(Cause::InsertFailed),
         // The kernel's `drop` counts conntrack's own refusals: table full
-        // (and, rarely, failed clash resolution, which also bumps insert_failed).
-        exact: k("drop") == c(Cause::TableFull),
+        // (and, rarely, a failed clash resolution or an L4 tracker's drop,
+        // which also bump insert_failed or invalid).
+        exact: k("drop") == table_full,
+        reconciled,
+        moved_to_ruleset,
     }
 }
 
@@ -159,6 +192,18 @@ pub fn text(s: &Summary) -> String {
             r.ctguard_insert_failed,
             if r.exact { "(match)" } else { "(MISMATCH: see `ctguard doctor`)" }
         );
+        for (cause, n) in &r.moved_to_ruleset {
+            let _ = writeln!(
+                out,
+                "    {n} drops first seen as {} are a rule's verdict: the kernel's {} counter did not rise for them",
+                cause.as_str(),
+                kernel_counter_of(*cause)
+            );
+        }
+        if !r.moved_to_ruleset.is_empty() {
+            let parts: Vec<String> = r.reconciled.iter().map(|(c, n)| format!("{} {n}", c.as_str())).collect();
+            let _ = writeln!(out, "    reconciled drops: {}", parts.join(", "));
+        }
     }
     if !s.top_new_entries.is_empty() {
         let _ = writeln!(out, "top new entries:");
@@ -167,6 +212,15 @@ pub fn text(s: &Summary) -> String {
         }
     }
     out
+}
+
+fn kernel_counter_of(cause: Cause) -> &'static str {
+    match cause {
+        Cause::TableFull => "drop",
+        Cause::InsertFailed => "insert_failed",
+        Cause::CtInvalid => "invalid",
+        _ => "(none)",
+    }
 }
 
 #[cfg(test)]
@@ -180,7 +234,47 @@ mod tests {
         let r = reconcile(1, "b".into(), &kernel, &ours);
         assert!(r.exact);
         assert_eq!((r.kernel_drop, r.ctguard_table_full), (336, 336));
+        assert!(r.moved_to_ruleset.is_empty());
+        assert_eq!(r.reconciled, ours);
         let off: BTreeMap<Cause, u64> = [(Cause::TableFull, 300)].into();
         assert!(!reconcile(1, "b".into(), &kernel, &off).exact);
+    }
+
+    #[test]
+    fn conntrack_causes_beyond_the_kernel_counters_are_rule_verdicts() {
+        // An iptables-legacy rule dropped 50 new flows (seen as insert_failed,
+        // the kernel's insert_failed stayed put); 3 real confirm failures; a
+        // raw-priority rule dropped 7 untracked packets (seen as ct_invalid
+        // and table_full, with neither kernel counter rising).
+        let kernel: BTreeMap<String, u64> =
+            [("drop".to_string(), 100), ("insert_failed".to_string(), 3), ("invalid".to_string(), 0)].into();
+        let ours: BTreeMap<Cause, u64> =
+            [(Cause::TableFull, 104), (Cause::InsertFailed, 53), (Cause::CtInvalid, 3), (Cause::Ruleset, 10)].into();
+        let r = reconcile(1, "b".into(), &kernel, &ours);
+        assert_eq!(
+            r.reconciled,
+            [(Cause::TableFull, 100), (Cause::InsertFailed, 3), (Cause::Ruleset, 10 + 4 + 50 + 3)].into()
+        );
+        assert_eq!(
+            r.moved_to_ruleset,
+            [(Cause::TableFull, 4), (Cause::InsertFailed, 50), (Cause::CtInvalid, 3)].into()
+        );
+        assert!(r.exact);
+        // Nothing is lost or invented: the total is the same.
+        assert_eq!(r.reconciled.values().sum::<u64>(), ours.values().sum::<u64>());
+        let text = text(&Summary {
+            summary: true,
+            duration_s: 1.0,
+            events_shown: 0,
+            events_read: 0,
+            events_lost: 0,
+            kernel_program_misses: 0,
+            counters: Counters::default(),
+            drops: ours,
+            reconciliation: vec![r],
+            top_new_entries: vec![],
+        });
+        assert!(text.contains("50 drops first seen as insert_failed are a rule's verdict"), "{text}");
+        assert!(text.contains("reconciled drops: table_full 100, insert_failed 3, ruleset 67"), "{text}");
     }
 }
