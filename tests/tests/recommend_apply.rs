@@ -364,6 +364,15 @@ fn observed_churn_is_counted_per_protocol_and_sized_by_littles_law() {
     // nothing to change, and the 53/udp share is reported.
     let share = obs["ports"].as_array().unwrap().iter().find(|p| p["port"] == 53 && p["proto"] == 17).expect("53/udp");
     assert!(share["inserts"].as_f64().unwrap() >= UDP_FLOWS as f64);
+    assert_eq!(share["netns"], inode);
+    // 53/udp makes 3/4 of the churn: NOTRACK for exactly that protocol and
+    // port, in the lab's namespace.
+    assert_eq!(
+        doc["plan"]["bypass"]["command"],
+        format!("ctguard bypass add --proto udp --port 53 --netns {inode}").as_str(),
+        "{}",
+        doc["plan"]
+    );
 }
 
 #[test]

@@ -240,6 +240,9 @@ pub fn sustained_rate(series: &[(f64, f64)], lifetime_s: f64) -> f64 {
 pub struct PortShare {
     pub proto: u8,
     pub port: u16,
+    /// The namespace where this port made the most new entries (the one a
+    /// bypass rule for it belongs in).
+    pub netns: u32,
     pub inserts: f64,
     pub share_percent: f64,
 }
@@ -276,7 +279,7 @@ pub fn summarize(source: String, intervals: &[Interval], table_peaks: BTreeMap<u
             series.entry(*key).or_default();
         }
     }
-    let mut ports: BTreeMap<(u8, u16), f64> = BTreeMap::new();
+    let mut ports: BTreeMap<(u8, u16), BTreeMap<u32, f64>> = BTreeMap::new();
     let mut total_new = 0.0;
     for (interval, a) in intervals.iter().zip(&attributed) {
         total_new += interval.total();
@@ -294,7 +297,7 @@ pub fn summarize(source: String, intervals: &[Interval], table_peaks: BTreeMap<u
             if let (Some(p), Some(port)) = (k.proto, k.dport)
                 && has_ports(p)
             {
-                *ports.entry((p, port)).or_default() += k.inserts;
+                *ports.entry((p, port)).or_default().entry(k.netns).or_default() += k.inserts;
             }
         }
     }
@@ -311,12 +314,16 @@ pub fn summarize(source: String, intervals: &[Interval], table_peaks: BTreeMap<u
         .collect();
     let mut ports: Vec<PortShare> = ports
         .into_iter()
-        .filter(|(_, n)| *n > 0.0)
-        .map(|((proto, port), inserts)| PortShare {
-            proto,
-            port,
-            inserts,
-            share_percent: if total_new > 0.0 { inserts * 100.0 / total_new } else { 0.0 },
+        .filter_map(|((proto, port), per_netns)| {
+            let inserts: f64 = per_netns.values().sum();
+            let netns = per_netns.iter().max_by(|a, b| a.1.total_cmp(b.1)).map(|(n, _)| *n)?;
+            (inserts > 0.0).then(|| PortShare {
+                proto,
+                port,
+                netns,
+                inserts,
+                share_percent: if total_new > 0.0 { inserts * 100.0 / total_new } else { 0.0 },
+            })
         })
         .collect();
     ports.sort_by(|a, b| b.inserts.total_cmp(&a.inserts).then((a.proto, a.port).cmp(&(b.proto, b.port))));

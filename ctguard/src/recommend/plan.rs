@@ -530,7 +530,7 @@ pub fn plan(input: &Input<'_>) -> Plan {
             proto: top.proto,
             port: top.port,
             share_percent: top.share_percent,
-            command: format!("ctguard bypass add --port {}", top.port),
+            command: bypass_command(top),
             reason: format!(
                 "{}/{} makes {:.0} % of all new entries: exempting it from tracking (NOTRACK) removes that churn at the source, \
                  which no table size or timeout can; untracked packets skip NAT and no longer match `ct state` rules{}",
@@ -729,6 +729,19 @@ pub fn human_bytes(n: u64) -> String {
     if unit == 0 { format!("{n} B") } else { format!("{v:.1} {}", UNITS[unit]) }
 }
 
+/// The `ctguard bypass add` line for a port: its protocol alone (a bypass
+/// defaults to tcp and udp, and untracking the other protocol was not asked
+/// for), in the namespace that made the churn (bypass rules are per
+/// namespace; 0 means the namespace is unknown).
+fn bypass_command(top: &super::demand::PortShare) -> String {
+    let mut command =
+        format!("ctguard bypass add --proto {} --port {}", crate::sensors::event::proto_name(top.proto), top.port);
+    if top.netns != super::demand::UNATTRIBUTED_NETNS {
+        command.push_str(&format!(" --netns {}", top.netns));
+    }
+    command
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -816,7 +829,10 @@ mod tests {
         // 5000/7000 = 71 % on 53/udp: bypass.
         let b = p.bypass.as_ref().unwrap();
         assert_eq!((b.port, b.proto), (53, 17));
-        assert_eq!(b.command, "ctguard bypass add --port 53");
+        assert_eq!(
+            b.command, "ctguard bypass add --proto udp --port 53 --netns 1",
+            "the port's protocol and namespace only"
+        );
     }
 
     #[test]
