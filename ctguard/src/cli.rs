@@ -132,8 +132,10 @@ time-to-full, new entries/s, removals/s, drops/s by cause, early-drop evictions/
 the top keys by churn (grouped in the kernel by --by).\n\n\
 Keys in the terminal view: b grouping, s sort column, p pause, f filter, n namespace, ? help, q quit.\n\n\
 Batch mode for scripts: --once prints one sample taken --interval apart; --json prints one JSON \
-document per interval (schema \"ctguard.top.v1\": interval_s, rates, tables, keys, keys_hidden, \
-events_lost, key_overflow) and needs no terminal.")]
+document per interval and needs no terminal. Schema \"ctguard.top.v1\": schema, time_unix_ms, \
+key_mode, interval_s, rates{new_per_s, removed_per_s, drops_per_s{<every cause>}, early_drop_per_s}, \
+tables[], keys[], keys_hidden, events_lost, key_overflow, programs[]; every field with its unit in \
+docs/top-json.md.")]
 pub struct TopArgs {
     /// How new entries are grouped (in the kernel).
     #[arg(long, value_enum, default_value = "dst-port")]

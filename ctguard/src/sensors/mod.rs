@@ -205,16 +205,23 @@ impl Sensors {
             .program("ctg_flush")
             .and_then(|p| p.try_into().ok())
             .ok_or_else(|| CtguardError::ebpf("ctg_flush missing from the object", "rebuild ctguard"))?;
-        for &cpu in &self.cpus {
+        // CPUs come and go (hot-plug): flush the ones online now. An entry
+        // pending on a CPU that went offline is keyed when it is back.
+        let online = aya::util::online_cpus().unwrap_or_else(|_| self.cpus.clone());
+        for &cpu in &online {
             let mut opts = RawTracePointRunOptions::new();
             opts.args[0] = FLUSH_MIN_AGE_NS;
             opts.cpu = Some(cpu);
-            prog.test_run(opts).map_err(|e| {
-                CtguardError::ebpf(
+            if let Err(e) = prog.test_run(opts) {
+                // Gone offline between the listing and the run: not an error.
+                if aya::util::online_cpus().is_ok_and(|now| !now.contains(&cpu)) {
+                    continue;
+                }
+                return Err(CtguardError::ebpf(
                     format!("flushing CPU {cpu} failed: {e}"),
                     "needs kernel 5.10+ (BPF_PROG_TEST_RUN on raw tracepoints)",
-                )
-            })?;
+                ));
+            }
         }
         Ok(())
     }

@@ -54,3 +54,91 @@ pub fn run(args: &TopArgs, opts: &SensorOptions, filter: &KeyFilter) -> anyhow::
     }
     Ok(ExitCode::SUCCESS)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+
+    use super::*;
+    use crate::{
+        sensors::snapshot::Cause,
+        top::model::{KeyRow, ProgramCost, Rates, TableView, Trend},
+    };
+
+    /// Every path of a JSON value: `a.b`, arrays as `a[].b`.
+    fn paths(v: &serde_json::Value, prefix: &str, out: &mut BTreeSet<String>) {
+        match v {
+            serde_json::Value::Object(m) => {
+                for (k, child) in m {
+                    let p = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                    out.insert(p.clone());
+                    paths(child, &p, out);
+                }
+            }
+            serde_json::Value::Array(items) => {
+                for item in items {
+                    paths(item, &format!("{prefix}[]"), out);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    #[test]
+    fn the_documented_schema_is_the_real_one() {
+        let frame = Frame {
+            interval_s: 1.0,
+            rates: Rates {
+                new_per_s: 1.0,
+                removed_per_s: 0.0,
+                drops_per_s: Cause::ALL.iter().map(|c| (*c, 0.0)).collect::<BTreeMap<_, _>>(),
+                early_drop_per_s: 0.0,
+            },
+            tables: vec![TableView {
+                netns: 1,
+                label: "lab".into(),
+                entries: 1,
+                max: 2,
+                buckets: 2,
+                fill_percent: 50.0,
+                trend: Trend::Steady,
+                growth_per_s: 0.0,
+                time_to_full_s: None,
+            }],
+            keys: vec![KeyRow {
+                netns: 1,
+                key: "53/udp".into(),
+                inserts_per_s: 1.0,
+                share_percent: 100.0,
+                drops_per_s: 0.0,
+                removals_per_s: 0.0,
+                total_inserts: 1,
+            }],
+            keys_hidden: 0,
+            events_lost: 0,
+            key_overflow: 0,
+            programs: vec![ProgramCost {
+                program: "ctg_ct_alloc".into(),
+                runs_per_s: 1.0,
+                ns_per_run: None,
+                recursion_misses: 0,
+            }],
+        };
+        let doc = serde_json::to_value(Document::new(&frame, KeyMode::DstPort)).unwrap();
+        assert_eq!(doc["schema"], "ctguard.top.v1");
+        let mut real = BTreeSet::new();
+        paths(&doc, "", &mut real);
+        let text = include_str!("../../../docs/top-json.md");
+        let documented: BTreeSet<String> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("| `"))
+            .filter_map(|l| l.split_once('`').map(|(path, _)| path.to_string()))
+            .collect();
+        let undocumented: Vec<_> = real.difference(&documented).collect();
+        let stale: Vec<_> = documented.difference(&real).collect();
+        assert!(
+            undocumented.is_empty() && stale.is_empty(),
+            "docs/top-json.md: missing {undocumented:?}, stale {stale:?}"
+        );
+    }
+}

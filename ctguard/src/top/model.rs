@@ -204,12 +204,11 @@ pub fn frame(prev: &Sample, cur: &Sample, opts: &FrameOptions<'_>) -> Frame {
     let netns = opts.filter.netns;
 
     let (c0, c1) = (&prev.snapshot, &cur.snapshot);
-    let prev_drops = c0.drops_by_cause(netns);
-    let drops_per_s = c1
-        .drops_by_cause(netns)
-        .into_iter()
-        .map(|(cause, n)| (cause, per_s(counter_delta(prev_drops.get(&cause).copied().unwrap_or(0), n))))
-        .collect();
+    let (prev_drops, cur_drops) = (c0.drops_by_cause(netns), c1.drops_by_cause(netns));
+    // Every cause, zero included: the JSON document keeps one shape.
+    let count = |m: &BTreeMap<Cause, u64>, c: &Cause| m.get(c).copied().unwrap_or(0);
+    let drops_per_s =
+        Cause::ALL.iter().map(|c| (*c, per_s(counter_delta(count(&prev_drops, c), count(&cur_drops, c))))).collect();
 
     let prev_keys: HashMap<KeyId, ChurnValue> = c0.churn.iter().map(|(k, v)| (key_id(k), *v)).collect();
     let mut interval_inserts = 0u64;
