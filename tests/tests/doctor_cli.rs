@@ -19,6 +19,9 @@ fn doctor_reports_what_loads_here() {
     assert_eq!(probe(&doc, "tracepoint")["result"], "works");
     assert_eq!(probe(&doc, "raw_tp")["result"], "works");
     assert!(doc["sensors_load"]["Ok"].is_string(), "the real sensors must load: {}", doc["sensors_load"]);
+    // The probes' prediction and the sensors' own choice are the same backend.
+    assert_eq!(doc["sensors_load"]["Ok"], doc["backend"]["backend"], "{}", doc["sensors_reason"]);
+    assert!(doc["sensors_reason"].as_str().is_some_and(|r| !r.is_empty()), "{}", doc["sensors_reason"]);
     let kprobes = std::path::Path::new("/sys/bus/event_source/devices/kprobe").exists();
     if std::env::var_os("CTGUARD_VM_KERNEL").is_some() {
         // Stock distro kernel in the VM: kprobes and fentry work.

@@ -245,6 +245,9 @@ pub struct SuggestArgs {
     /// Use the output of `ctguard top --json` (by dst-port) instead of observing; `-` for stdin.
     #[arg(long, value_name = "FILE")]
     pub from_top: Option<PathBuf>,
+    /// Which kernel hooks to use for --observe (see `ctguard doctor`).
+    #[arg(long, value_enum, default_value = "auto")]
+    pub backend: crate::sensors::backend::BackendRequest,
     /// Propose at most this many ports.
     #[arg(long, default_value_t = 5)]
     pub top: usize,
@@ -653,7 +656,8 @@ fn suggest_cmd(a: &SuggestArgs) -> anyhow::Result<ExitCode> {
             if a.observe.is_zero() {
                 return Err(BypassError::usage("--observe must be longer than 0", "e.g. --observe 10s").into());
             }
-            let mut sensors = Sensors::start(&SensorOptions { key_mode: KeyMode::DstPort, ..Default::default() })?;
+            let opts = SensorOptions { key_mode: KeyMode::DstPort, backend: a.backend, ..Default::default() };
+            let mut sensors = Sensors::start(&opts)?;
             let first = sensors.snapshot()?;
             eprintln!("observing new conntrack entries for {} ...", crate::util::format_duration(a.observe));
             std::thread::sleep(a.observe);

@@ -28,8 +28,17 @@ pub struct Report {
     pub probes: Vec<Probe>,
     pub backend: BackendChoice,
     /// Whether ctguard's real sensor programs loaded and attached just now
-    /// (Ok holds the backend they used).
+    /// (Ok holds the backend they used: `tracepoint` or `function_hooks`).
     pub sensors_load: Result<String, String>,
+    /// Why the sensors took that backend (their own `can_run` check).
+    pub sensors_reason: Option<String>,
+}
+
+impl Report {
+    /// The sensors loaded, and with the backend the probes predicted.
+    pub fn sensors_agree(&self) -> bool {
+        self.sensors_load.as_deref().is_ok_and(|b| b == self.backend.backend)
+    }
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -62,11 +71,7 @@ pub fn run(args: &DoctorArgs) -> anyhow::Result<ExitCode> {
     } else {
         print!("{}", render::table(&report));
     }
-    Ok(if report.backend.backend == "none" || report.sensors_load.is_err() {
-        ExitCode::from(2)
-    } else {
-        ExitCode::SUCCESS
-    })
+    Ok(if report.backend.backend == "none" || !report.sensors_agree() { ExitCode::from(2) } else { ExitCode::SUCCESS })
 }
 
 pub fn collect() -> Report {
@@ -84,11 +89,14 @@ pub fn collect() -> Report {
         .unwrap_or_else(|_| crate::sensors::backend::HOOKED_FUNCTIONS.to_vec());
     let backend =
         backend::choose(&probes, &KernelFacts { vmlinux_btf: vmlinux, kfree_skb_has_reason, missing_functions });
-    let sensors_load = if backend.backend == "none" {
-        Err("no usable backend".to_string())
+    let (sensors_load, sensors_reason) = if backend.backend == "none" {
+        (Err("no usable backend".to_string()), None)
     } else {
         // Load the real sensors the way `trace`/`top` would (automatic choice).
-        Sensors::start(&SensorOptions::default()).map(|s| format!("{:?}", s.backend)).map_err(|e| error_chain(&e))
+        match Sensors::start(&SensorOptions::default()) {
+            Ok(s) => (Ok(s.backend.name().to_string()), Some(s.backend_reason.clone())),
+            Err(e) => (Err(error_chain(&e)), None),
+        }
     };
     Report {
         kernel: system::kernel_release(),
@@ -106,6 +114,7 @@ pub fn collect() -> Report {
         probes,
         backend,
         sensors_load,
+        sensors_reason,
     }
 }
 

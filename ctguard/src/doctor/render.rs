@@ -56,8 +56,16 @@ pub fn table(r: &Report) -> String {
     }
     let _ = writeln!(out, "  why: {}", r.backend.reason);
     match &r.sensors_load {
-        Ok(backend) => {
+        Ok(backend) if r.sensors_agree() => {
             let _ = writeln!(out, "  sensors loaded and attached: ok (backend {backend})");
+        }
+        Ok(backend) => {
+            let _ = writeln!(
+                out,
+                "  sensors loaded, but with the {backend} backend, not {}: {}",
+                r.backend.backend,
+                r.sensors_reason.as_deref().unwrap_or("no reason given")
+            );
         }
         Err(e) => {
             let _ = writeln!(out, "  sensors failed to load: {e}");

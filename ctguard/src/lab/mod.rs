@@ -36,6 +36,9 @@ pub struct LabArgs {
     /// The port most flows go to (and that the fix exempts from tracking).
     #[arg(long, default_value_t = 5353)]
     pub hot_port: u16,
+    /// Which kernel hooks to use for the sensors (see `ctguard doctor`).
+    #[arg(long, value_enum, default_value = "auto")]
+    pub backend: crate::sensors::backend::BackendRequest,
 }
 
 #[derive(Debug, Subcommand)]

@@ -117,7 +117,12 @@ pub fn run(args: &LabArgs) -> anyhow::Result<ExitCode> {
     stopped()?;
 
     n.act(3, "ctguard's sensors");
-    let opts = SensorOptions { key_mode: KeyMode::DstPort, emit_drop_events: false, ..Default::default() };
+    let opts = SensorOptions {
+        key_mode: KeyMode::DstPort,
+        emit_drop_events: false,
+        backend: args.backend,
+        ..Default::default()
+    };
     let mut sampler = Sampler::start(&opts, Some(server.inode))?;
     n.say(format!(
         "attached ({:?} backend); they count every new entry and every drop in the kernel",

@@ -64,6 +64,9 @@ pub struct RecommendArgs {
     /// all of them; the tables' entry counts in the file are a floor.
     #[arg(long, value_name = "FILE")]
     pub from_top: Option<PathBuf>,
+    /// Which kernel hooks to use for --observe (see `ctguard doctor`).
+    #[arg(long, value_enum, default_value = "auto")]
+    pub backend: crate::sensors::backend::BackendRequest,
     /// Size the table for this many times the peak demand (at least 1).
     #[arg(long, value_name = "FACTOR", default_value_t = 2.0, value_parser = parse_headroom)]
     pub headroom: f64,
@@ -154,7 +157,7 @@ pub fn run(args: &RecommendArgs) -> anyhow::Result<ExitCode> {
     let host = gather::host()?;
     let (current, namespaces, skipped) = gather::current()?;
     let observation = match (&args.observe, &args.from_top) {
-        (Some(window), _) => Some(observe::with_sensors(*window)?),
+        (Some(window), _) => Some(observe::with_sensors(*window, args.backend)?),
         (None, Some(path)) => Some(observe::from_top_file(path)?),
         (None, None) => None,
     };

@@ -11,7 +11,7 @@ use crate::{
     conntrack,
     error::CtguardError,
     netns,
-    sensors::{KeyMode, SensorOptions, Sensors},
+    sensors::{KeyMode, SensorOptions, Sensors, backend::BackendRequest},
     util::format_duration,
 };
 
@@ -21,11 +21,11 @@ pub const TICK: Duration = Duration::from_secs(1);
 /// Watches new conntrack entries for `window` with the sensors keyed by
 /// destination port (so each key carries its protocol), one interval per
 /// [`TICK`], and reads every namespace's count at each tick.
-pub fn with_sensors(window: Duration) -> Result<Observation, CtguardError> {
+pub fn with_sensors(window: Duration, backend: BackendRequest) -> Result<Observation, CtguardError> {
     if window.is_zero() {
         return Err(CtguardError::usage("--observe must be longer than 0", "e.g. --observe 60s"));
     }
-    let opts = SensorOptions { key_mode: KeyMode::DstPort, ..Default::default() };
+    let opts = SensorOptions { key_mode: KeyMode::DstPort, backend, ..Default::default() };
     let mut sensors = Sensors::start(&opts)?;
     let namespaces = netns::list_all().unwrap_or_default();
     let mut peaks: BTreeMap<u32, u64> = BTreeMap::new();

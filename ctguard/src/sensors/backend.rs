@@ -19,6 +19,16 @@ pub enum Backend {
     FunctionHooks,
 }
 
+impl Backend {
+    /// The name used in JSON and by `--backend`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Tracepoint => "tracepoint",
+            Backend::FunctionHooks => "function_hooks",
+        }
+    }
+}
+
 /// `--backend`: automatic, or forced.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum, Default)]
 #[serde(rename_all = "snake_case")]

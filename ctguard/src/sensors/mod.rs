@@ -134,6 +134,18 @@ const FUNCTION_HOOKS: [(&str, &str); 6] = [
     ("fh_ct_delete_exit", "nf_ct_delete"),
 ];
 
+fn attach_function_hooks(ebpf: &mut Ebpf) -> Result<(), CtguardError> {
+    for (prog, tracepoint) in FUNCTION_BACKEND_TRACEPOINTS {
+        attach_raw_tp(ebpf, prog, tracepoint)?;
+    }
+    for (prog, function) in FUNCTION_HOOKS {
+        let p: &mut KProbe = program(ebpf, prog)?;
+        p.load().map_err(|e| load_error(prog, e))?;
+        p.attach(function, 0).map_err(|e| load_error(prog, e))?;
+    }
+    Ok(())
+}
+
 impl Sensors {
     pub fn start(opts: &SensorOptions) -> Result<Self, CtguardError> {
         system::require_bpf_caps()?;
@@ -174,13 +186,18 @@ impl Sensors {
                 }
             }
             Backend::FunctionHooks => {
-                for (prog, tracepoint) in FUNCTION_BACKEND_TRACEPOINTS {
-                    attach_raw_tp(&mut ebpf, prog, tracepoint)?;
-                }
-                for (prog, function) in FUNCTION_HOOKS {
-                    let p: &mut KProbe = program(&mut ebpf, prog)?;
-                    p.load().map_err(|e| load_error(prog, e))?;
-                    p.attach(function, 0).map_err(|e| load_error(prog, e))?;
+                if let Err(e) = attach_function_hooks(&mut ebpf) {
+                    if opts.backend != BackendRequest::Auto {
+                        return Err(e);
+                    }
+                    // kprobes exist but this kernel refuses them (lockdown, a
+                    // blocklisted symbol): start over on tracepoints, and say so.
+                    drop(ebpf);
+                    let mut sensors =
+                        Self::start(&SensorOptions { backend: BackendRequest::Tracepoint, ..opts.clone() })?;
+                    sensors.backend_reason = format!("function hooks failed to attach ({e}); tracepoints instead");
+                    log::warn!("{}", sensors.backend_reason);
+                    return Ok(sensors);
                 }
             }
         }
