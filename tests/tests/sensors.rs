@@ -227,3 +227,68 @@ fn captured_drop_events_carry_the_packet_headers() {
         assert_eq!(u16::from_be_bytes([p.data[22], p.data[23]]), 4444);
     }
 }
+
+/// Per-port (inserts, removals) of one namespace between two snapshots.
+fn per_port(start: &Snapshot, end: &Snapshot, ns: u32) -> BTreeMap<u16, (u64, u64)> {
+    end.churn_in(Some(ns))
+        .iter()
+        .filter(|(k, _)| k.other == 0)
+        .map(|(k, v)| {
+            let b = start.churn_in(Some(ns)).iter().find(|(k0, _)| k0 == k).map(|(_, v0)| *v0).unwrap_or_default();
+            (k.tuple.dport, (v.inserts - b.inserts, v.removals - b.removals))
+        })
+        .filter(|(_, (i, r))| *i > 0 || *r > 0)
+        .collect()
+}
+
+#[test]
+fn removed_entries_are_counted_per_key_when_the_table_is_flushed() {
+    require_root();
+    let lab = Lab::new("sens-free");
+    lab.enable_conntrack();
+    let ns = lab.netns_inode(Side::B);
+    let mut sensors = start(SensorOptions { key_mode: KeyMode::DstPort, ..Default::default() });
+    let snap0 = sensors.snapshot().unwrap();
+    lab.send_udp_flows(300, &[53, 123]);
+    assert_eq!(lab.conntrack_count(), 300);
+    lab.exec(Side::B, &["conntrack", "-F"]);
+    // Entries are freed when their last reference goes: poll briefly.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut snap1 = sensors.snapshot().unwrap();
+    while per_port(&snap0, &snap1, ns).values().map(|(_, r)| r).sum::<u64>() < 300
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        snap1 = sensors.snapshot().unwrap();
+    }
+    assert_eq!(lab.conntrack_count(), 0, "conntrack -F emptied the table");
+    assert_eq!(per_port(&snap0, &snap1, ns), BTreeMap::from([(53, (150, 150)), (123, (150, 150))]));
+    assert!(snap1.counters.since(&snap0.counters).removed_entries >= 300);
+}
+
+#[test]
+fn a_full_key_map_folds_new_keys_into_other_and_totals_stay_exact() {
+    require_root();
+    let lab = Lab::new("sens-keys");
+    lab.enable_conntrack();
+    let ns = lab.netns_inode(Side::B);
+    // The smallest key map: 16 keys for the whole machine.
+    let mut sensors = start(SensorOptions { key_mode: KeyMode::DstPort, max_keys: 16, ..Default::default() });
+    let nft0 = lab.nft_new_counter();
+    let snap0 = sensors.snapshot().unwrap();
+    let ports: Vec<u16> = (7000..7040).collect();
+    lab.send_udp_flows(400, &ports);
+    let snap1 = sensors.snapshot().unwrap();
+    let kernel_new = lab.nft_new_counter() - nft0;
+    assert_eq!(kernel_new, 400);
+
+    let keyed: u64 = per_port(&snap0, &snap1, ns).values().map(|(i, _)| i).sum();
+    let other_before =
+        snap0.churn_in(Some(ns)).iter().filter(|(k, _)| k.other != 0).map(|(_, v)| v.inserts).sum::<u64>();
+    let other = snap1.churn_in(Some(ns)).iter().filter(|(k, _)| k.other != 0).map(|(_, v)| v.inserts).sum::<u64>()
+        - other_before;
+    assert!(keyed <= 16 * 10, "at most 16 ports have their own key: {keyed}");
+    assert!(other > 0, "the rest went to the namespace's \"other\" key");
+    assert_eq!(keyed + other, kernel_new, "nothing lost: own keys + other = the kernel's count");
+    assert!(snap1.counters.since(&snap0.counters).key_overflow >= other, "each fold is counted");
+}

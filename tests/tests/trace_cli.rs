@@ -116,3 +116,51 @@ fn iptables_legacy_drops_of_new_flows_are_reconciled_to_ruleset() {
     assert_eq!(rec["reconciled"], serde_json::json!({ "ruleset": FLOWS }), "{rec}");
     assert_eq!(rec["exact"], true, "{rec}");
 }
+
+#[test]
+fn trace_streams_new_entries_as_text_stops_on_ctrl_c_and_detaches() {
+    const FLOWS: usize = 30;
+    let lab = Lab::new("trace_new");
+    lab.enable_conntrack();
+    let inode = lab.netns_inode(Side::B).to_string();
+    let mut child = Command::new(ctguard_bin())
+        .args(["trace", "--new", "--netns", &inode])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start ctguard trace");
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    stderr.read_line(&mut line).unwrap();
+    assert!(line.contains("tracing"), "unexpected first stderr line: {line}");
+    lab.send_udp_flows(FLOWS as u64, &[6100]);
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    // Ctrl-C, as a user stops it.
+    // SAFETY: plain kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let out = child.wait_with_output().expect("trace exits on SIGINT");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "Ctrl-C is a normal stop: {:?}\n{stdout}", out.status);
+    let new_lines: Vec<&str> = stdout.lines().filter(|l| l.contains(" NEW ") && l.contains(":6100 ")).collect();
+    assert_eq!(new_lines.len(), FLOWS, "one NEW line per flow:\n{stdout}");
+    assert!(new_lines.iter().all(|l| l.contains("udp")), "{new_lines:?}");
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stderr, &mut rest).unwrap();
+    // The text summary goes to stderr, so stdout stays one line per event.
+    assert!(rest.contains("--- ctguard trace summary"), "the summary at exit:\n{rest}");
+    assert!(rest.contains("events shown 30, read ") && rest.contains("lost by the ring buffer 0"), "{rest}");
+    // Nothing of ctguard stays in the kernel once it has exited (the kernel
+    // frees a program after an RCU grace period: allow it a moment).
+    let ours = || -> Vec<String> {
+        aya::programs::loaded_programs()
+            .filter_map(Result::ok)
+            .filter_map(|p| p.name_as_str().map(str::to_string))
+            .filter(|n| n.starts_with("ctg_") || n.starts_with("fh_"))
+            .collect()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !ours().is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(ours().is_empty(), "programs still loaded 10 s after exit: {:?}", ours());
+}
