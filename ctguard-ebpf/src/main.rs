@@ -48,7 +48,7 @@ globals! {
     NF_DROP_REASON: u32,
     // struct sk_buff
     OFF_SKB_NFCT: u32, OFF_SKB_DEV: u32, OFF_SKB_SK: u32, OFF_SKB_HEAD: u32,
-    OFF_SKB_NETWORK_HEADER: u32, OFF_SKB_LEN: u32, OFF_SKB_DATA: u32,
+    OFF_SKB_NETWORK_HEADER: u32, OFF_SKB_LEN: u32, OFF_SKB_DATA: u32, OFF_SKB_DATA_LEN: u32,
     // struct net_device
     OFF_DEV_IFINDEX: u32, OFF_DEV_NET: u32,
     // struct sock (sk->__sk_common.skc_net)
@@ -254,19 +254,23 @@ fn on_netfilter_drop(skb: u64, location: u64) {
 }
 
 /// Copies the first CAPTURE_BYTES of the packet, from its network header,
-/// never past its end.
+/// never past the end of its linear part: the rest of a non-linear packet
+/// lives in page fragments, not after `data` (the bytes there are not the
+/// packet's), so a capture of such a packet is shorter than asked for.
 #[inline(always)]
 fn capture_packet(skb: u64, pe: &mut PacketEvent) {
     let head: u64 = read(skb, g(&OFF_SKB_HEAD));
     let data: u64 = read(skb, g(&OFF_SKB_DATA));
     let nh: u16 = read(skb, g(&OFF_SKB_NETWORK_HEADER));
     let len: u32 = read(skb, g(&OFF_SKB_LEN));
+    let paged: u32 = read(skb, g(&OFF_SKB_DATA_LEN));
     let ip = head + nh as u64;
     // skb->len counts from skb->data, which may sit before or after the
     // network header depending on the hook.
     let wire = (data + len as u64).saturating_sub(ip) as u32;
+    let linear = (data + len.saturating_sub(paged) as u64).saturating_sub(ip) as u32;
     pe.wire_len = wire;
-    let mut n = g(&CAPTURE_BYTES).min(wire) as usize;
+    let mut n = g(&CAPTURE_BYTES).min(linear) as usize;
     if n > MAX_CAPTURE {
         n = MAX_CAPTURE;
     }

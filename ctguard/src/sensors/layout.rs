@@ -32,6 +32,7 @@ impl Layout {
             ("OFF_SKB_NETWORK_HEADER", btf.offset("sk_buff", &["network_header"])?),
             ("OFF_SKB_LEN", btf.offset("sk_buff", &["len"])?),
             ("OFF_SKB_DATA", btf.offset("sk_buff", &["data"])?),
+            ("OFF_SKB_DATA_LEN", btf.offset("sk_buff", &["data_len"])?),
             ("OFF_DEV_IFINDEX", btf.offset("net_device", &["ifindex"])?),
             ("OFF_DEV_NET", btf.offset("net_device", &["nd_net", "net"])?),
             ("OFF_SK_NET", btf.offset("sock", &["__sk_common", "skc_net", "net"])?),
