@@ -81,3 +81,33 @@ fn status_json_reports_the_full_table_and_its_drops() {
     assert_eq!(doc["namespaces"][0]["max"], max::read_max());
     assert_eq!(code, Some(0), "{doc}");
 }
+
+#[test]
+fn status_warns_when_drops_rise_between_its_two_readings() {
+    use ctguard_integration::{bin::ctguard_bin, lab::Side};
+    let lab = Lab::new("status_rise");
+    lab.enable_conntrack();
+    let name = lab.name(Side::B).to_string();
+    let _max = MaxGuard::lower(MAX);
+    // First reading now (empty table), second 8 s later; in between the
+    // table overflows and is emptied again, so only the drop counter tells.
+    let child = std::process::Command::new(ctguard_bin())
+        .args(["status", "--netns", &name, "--json", "--interval", "8s"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("start ctguard status");
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let before = lab.kernel_stats();
+    lab.send_udp_flows(FLOWS, &[53]);
+    let dropped = lab.kernel_stats()["drop"] - before["drop"];
+    lab.exec(Side::B, &["conntrack", "-F"]);
+    let out = child.wait_with_output().unwrap();
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status --json");
+    assert!(dropped > 0, "the flood overflowed the table");
+    let ns = &doc["namespaces"][0];
+    assert!(ns["fill_percent"].as_f64().unwrap() < 80.0, "emptied before the second reading: {ns}");
+    assert_eq!(doc["health"], "warning", "{doc}");
+    assert_eq!(out.status.code(), Some(1), "exit code 1 = warning");
+    let reasons = doc["reasons"].to_string();
+    assert!(reasons.contains(&format!("drop counter rose by {dropped} in 8s")), "{reasons}");
+}
