@@ -28,6 +28,8 @@ use serde::Serialize;
 
 use crate::{error::CtguardError, netns::Netns};
 
+mod egress;
+
 /// The first source port [`FlowSpec::new`] uses: above the well-known and
 /// registered low ports, so a flow never looks like a reply to a service.
 pub const DEFAULT_FIRST_SRC_PORT: u16 = 10_000;
@@ -462,8 +464,9 @@ pub struct FloodReport {
 /// Sends `opts.count` flows of `spec` from inside `netns`: one packet per
 /// flow, on a raw socket created in that namespace.
 ///
-/// Refuses (with an error) to run in the initial network namespace or to
-/// send to a destination outside 10/8, 172.16/12 and 192.168/16.
+/// Refuses (with an error) to run in the initial network namespace, to send
+/// to a destination outside 10/8, 172.16/12 and 192.168/16, or to send
+/// anywhere but over a veth or loopback device ([`egress`]).
 pub fn send_flows(netns: &Netns, spec: &FlowSpec, opts: &SendOptions) -> Result<FloodReport, CtguardError> {
     spec.validate()?;
     if !spec.dst.is_private() {
@@ -496,6 +499,7 @@ pub fn send_flows(netns: &Netns, spec: &FlowSpec, opts: &SendOptions) -> Result<
     let (spec, opts) = (spec.clone(), opts.clone());
     netns.run(move || {
         refuse_initial_netns(&label)?;
+        egress::require_test_link(spec.dst, &label)?;
         let sock = RawSocket::open()?;
         sock.flood(&spec, &opts)
     })?
