@@ -292,3 +292,54 @@ fn a_full_key_map_folds_new_keys_into_other_and_totals_stay_exact() {
     assert_eq!(keyed + other, kernel_new, "nothing lost: own keys + other = the kernel's count");
     assert!(snap1.counters.since(&snap0.counters).key_overflow >= other, "each fold is counted");
 }
+
+#[test]
+fn every_key_mode_groups_new_entries_as_named() {
+    require_root();
+    let lab = Lab::new("sens-modes");
+    lab.enable_conntrack();
+    let ns = lab.netns_inode(Side::B);
+    let (a, b) = (lab.addr(Side::A).to_string(), lab.addr(Side::B).to_string());
+    // (mode, expected keys of the lab's namespace as `ctguard top` names them)
+    let cases: [(KeyMode, BTreeMap<String, u64>); 4] = [
+        (KeyMode::Netns, BTreeMap::from([(format!("netns:[{ns}]"), 60)])),
+        (KeyMode::SrcIp, BTreeMap::from([(a.clone(), 60)])),
+        (KeyMode::DstIp, BTreeMap::from([(b.clone(), 60)])),
+        (KeyMode::SrcDst, BTreeMap::from([(format!("{a} -> {b}"), 60)])),
+    ];
+    let mut round = 0;
+    for (mode, expected) in cases {
+        let mut sensors = start(SensorOptions { key_mode: mode, ..Default::default() });
+        let snap0 = sensors.snapshot().unwrap();
+        // Fresh flows each round (the previous round's entries still exist).
+        let spec = lab.flow_spec(Proto::Udp, &[6200, 6201]);
+        lab.send_with(
+            &spec,
+            &ctguard::flood::SendOptions { first_flow: round * 60, ..ctguard::flood::SendOptions::count(60) },
+        );
+        round += 1;
+        let snap1 = sensors.snapshot().unwrap();
+        let got: BTreeMap<String, u64> = snap1
+            .churn_in(Some(ns))
+            .iter()
+            .map(|(k, v)| {
+                let before = snap0.churn_in(Some(ns)).iter().find(|(k0, _)| k0 == k).map_or(0, |(_, v0)| v0.inserts);
+                (format::churn_key(k, mode), v.inserts - before)
+            })
+            .filter(|(_, n)| *n > 0)
+            .collect();
+        assert_eq!(got, expected, "--by {mode:?}");
+    }
+    // The full tuple: one key per flow.
+    let mut sensors = start(SensorOptions { key_mode: KeyMode::Tuple, ..Default::default() });
+    let snap0 = sensors.snapshot().unwrap();
+    let spec = lab.flow_spec(Proto::Udp, &[6200, 6201]);
+    lab.send_with(
+        &spec,
+        &ctguard::flood::SendOptions { first_flow: round * 60, ..ctguard::flood::SendOptions::count(60) },
+    );
+    let snap1 = sensors.snapshot().unwrap();
+    let keys = snap1.churn_in(Some(ns)).len() - snap0.churn_in(Some(ns)).len();
+    assert_eq!(keys, 60, "--by tuple: one key per flow");
+    assert_eq!(snap1.inserts_in(Some(ns)) - snap0.inserts_in(Some(ns)), 60);
+}

@@ -139,6 +139,22 @@ pub fn ensure_conntrack_loaded() -> Result<bool, CtguardError> {
     Ok(true)
 }
 
+/// Loads nf_tables when it is an available module that is not loaded yet,
+/// so `nft_do_chain` has an address when the sensors resolve where drops
+/// happen (a ruleset created later would otherwise have its drops
+/// classified as `other`). Loading it creates no table. Best effort: a
+/// kernel without nf_tables (iptables-legacy only) is fine.
+pub fn try_load_nf_tables() {
+    if Path::new("/sys/module/nf_tables").exists() {
+        return;
+    }
+    let _ = std::process::Command::new("modprobe")
+        .arg("nf_tables")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status();
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

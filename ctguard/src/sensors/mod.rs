@@ -152,7 +152,11 @@ impl Sensors {
         if system::ensure_conntrack_loaded()? {
             log::info!("loaded the nf_conntrack module (it tracks nothing until a rule uses it)");
         }
+        system::try_load_nf_tables();
         let layout = Layout::for_running_kernel()?;
+        for f in &layout.missing_functions {
+            log::warn!("{f} is not in /proc/kallsyms: netfilter drops freed there are classified as `other`");
+        }
         let key_mode = opts.key_mode.kernel_value();
         let emit = u8::from(opts.emit_new_events);
         let mut loader = EbpfLoader::new();
