@@ -27,6 +27,10 @@ fn doctor_reports_what_loads_here() {
         // Stock distro kernel in the VM: kprobes and fentry work.
         assert_eq!(probe(&doc, "kprobe")["result"], "works");
         assert_eq!(probe(&doc, "fentry_vmlinux")["result"], "works");
+        // nf_conntrack is a module there: fentry/fexit on its functions load
+        // with the module's BTF object (measured with bpf(2), not assumed).
+        assert_eq!(probe(&doc, "fentry_module")["result"], "works", "{}", probe(&doc, "fentry_module"));
+        assert_eq!(probe(&doc, "fexit_module")["result"], "works", "{}", probe(&doc, "fexit_module"));
         assert_eq!(doc["backend"]["backend"], "function_hooks");
     } else {
         // This project's locked-down host kernel: fentry/fexit are refused
@@ -35,6 +39,8 @@ fn doctor_reports_what_loads_here() {
         assert_eq!(fentry["result"], "refused", "{fentry}");
         assert_eq!(fentry["errno"], 1, "EPERM expected: {fentry}");
         assert_eq!(probe(&doc, "kprobe")["result"], if kprobes { "works" } else { "refused" });
+        // conntrack is built in here: no module hooks to probe.
+        assert_eq!(probe(&doc, "fentry_module")["result"], "not_applicable");
         assert_eq!(doc["backend"]["backend"], if kprobes { "function_hooks" } else { "tracepoint" });
     }
 }

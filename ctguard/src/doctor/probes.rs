@@ -8,7 +8,11 @@ use aya::{
 use serde::Serialize;
 
 use super::raw_bpf;
-use crate::{kernel::system, sensors::object_bytes, util::error_chain};
+use crate::{
+    kernel::{btf::KernelBtf, system},
+    sensors::object_bytes,
+    util::error_chain,
+};
 
 /// The hook kinds ctguard can use or may use in the future.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -20,6 +24,7 @@ pub enum HookKind {
     FentryVmlinux,
     FexitVmlinux,
     FentryModule,
+    FexitModule,
     Kprobe,
     NetfilterLink,
 }
@@ -33,6 +38,7 @@ impl HookKind {
             HookKind::FentryVmlinux => "fentry (vmlinux)",
             HookKind::FexitVmlinux => "fexit (vmlinux)",
             HookKind::FentryModule => "fentry (module)",
+            HookKind::FexitModule => "fexit (module)",
             HookKind::Kprobe => "kprobe",
             HookKind::NetfilterLink => "netfilter link",
         }
@@ -178,11 +184,13 @@ pub fn run_all(btf: Option<&Btf>, placement: ConntrackPlacement) -> Vec<Probe> {
         };
         probes.push(Probe { hook, target: VMLINUX_TARGET.into(), outcome });
     }
-    probes.push(Probe {
-        hook: HookKind::FentryModule,
-        target: format!("nf_conntrack:{CONNTRACK_TARGET}"),
-        outcome: module_fentry_outcome(placement),
-    });
+    for (hook, fexit) in [(HookKind::FentryModule, false), (HookKind::FexitModule, true)] {
+        let outcome = match module_not_applicable(placement) {
+            Some(reason) => Outcome::NotApplicable { reason },
+            None => module_tracing_outcome(fexit),
+        };
+        probes.push(Probe { hook, target: format!("nf_conntrack:{CONNTRACK_TARGET}"), outcome });
+    }
     probes.push(Probe {
         hook: HookKind::Kprobe,
         target: VMLINUX_TARGET.into(),
@@ -202,21 +210,31 @@ pub fn run_all(btf: Option<&Btf>, placement: ConntrackPlacement) -> Vec<Probe> {
     probes
 }
 
-/// fentry on a module function needs the module's BTF object at load time,
-/// which aya 0.14 cannot pass; ctguard does not attach there yet, so it says
-/// so instead of reporting a result it did not measure.
-fn module_fentry_outcome(placement: ConntrackPlacement) -> Outcome {
+/// Why fentry/fexit on nf_conntrack's functions cannot be probed as module
+/// hooks here, or None when conntrack is a loaded module.
+fn module_not_applicable(placement: ConntrackPlacement) -> Option<String> {
     match placement {
-        ConntrackPlacement::BuiltIn => Outcome::NotApplicable {
-            reason: "nf_conntrack is built into vmlinux here: its functions are vmlinux functions (see the vmlinux rows)".into(),
-        },
-        ConntrackPlacement::Absent => Outcome::NotApplicable { reason: "this kernel has no nf_conntrack".into() },
-        ConntrackPlacement::ModuleNotLoaded => Outcome::NotApplicable {
-            reason: "nf_conntrack is a module that is not loaded; load it (modprobe nf_conntrack) and run doctor again".into(),
-        },
-        ConntrackPlacement::Module => Outcome::NotApplicable {
-            reason: "not probed: aya 0.14 cannot pass module BTF to fentry; ctguard hooks nf_conntrack's functions with kprobes instead (see the kprobe row)".into(),
-        },
+        ConntrackPlacement::Module => None,
+        ConntrackPlacement::BuiltIn => Some(
+            "nf_conntrack is built into vmlinux here: its functions are vmlinux functions (see the vmlinux rows)".into(),
+        ),
+        ConntrackPlacement::Absent => Some("this kernel has no nf_conntrack".into()),
+        ConntrackPlacement::ModuleNotLoaded => Some(
+            "nf_conntrack is a module that is not loaded; load it (modprobe nf_conntrack) and run doctor again".into(),
+        ),
+    }
+}
+
+/// fentry/fexit on a module function needs the module's BTF object at load
+/// time, which aya 0.14 cannot pass: measured with bpf(2) directly.
+fn module_tracing_outcome(fexit: bool) -> Outcome {
+    let func_id = match KernelBtf::with_module("nf_conntrack").and_then(|b| b.function_id(CONNTRACK_TARGET)) {
+        Ok(id) => id,
+        Err(e) => return Outcome::Refused { errno: None, error: e.to_string() },
+    };
+    match raw_bpf::probe_module_tracing("nf_conntrack", func_id, fexit) {
+        Ok(()) => Outcome::Works,
+        Err(e) => Outcome::Refused { errno: e.raw_os_error(), error: e.to_string() },
     }
 }
 
@@ -232,14 +250,10 @@ mod tests {
     }
 
     #[test]
-    fn module_probe_never_claims_a_result_it_did_not_measure() {
-        for p in [
-            ConntrackPlacement::BuiltIn,
-            ConntrackPlacement::Module,
-            ConntrackPlacement::Absent,
-            ConntrackPlacement::ModuleNotLoaded,
-        ] {
-            assert!(matches!(module_fentry_outcome(p), Outcome::NotApplicable { .. }));
+    fn module_hooks_are_measured_only_where_conntrack_is_a_loaded_module() {
+        assert_eq!(module_not_applicable(ConntrackPlacement::Module), None);
+        for p in [ConntrackPlacement::BuiltIn, ConntrackPlacement::Absent, ConntrackPlacement::ModuleNotLoaded] {
+            assert!(module_not_applicable(p).is_some(), "{p:?}");
         }
     }
 }

@@ -185,6 +185,14 @@ impl KernelBtf {
         }
     }
 
+    /// The BTF id of the function `name` (what fentry/fexit attach to).
+    pub fn function_id(&self, name: &str) -> Result<u32, CtguardError> {
+        let ids = self.btf.resolve_ids_by_name(name).unwrap_or_default();
+        ids.into_iter()
+            .find(|id| matches!(self.btf.resolve_type_by_id(*id), Ok(Type::Func(_))))
+            .ok_or_else(|| Self::missing(format!("function {name} is not in this BTF")))
+    }
+
     /// Whether a function named `name` is described in this BTF.
     pub fn has_function(&self, name: &str) -> bool {
         self.btf.resolve_types_by_name(name).unwrap_or_default().iter().any(|t| matches!(t, Type::Func(_)))
