@@ -339,6 +339,23 @@ fn a_table_full_flood_fires_and_the_bundle_holds_exactly_the_dropped_packets() {
     assert!(keys.iter().any(|k| k["key"] == format!("{FLOOD_PORT}/udp")), "{top}");
     let rec = json_file(&b.join("recommendation.json"));
     assert!(rec["schema"].as_str().is_some(), "{rec}");
+
+    // The bundle feeds the other commands afterwards: recommend and bypass
+    // suggest read its stats.jsonl when given the directory.
+    let run_json = |args: &[&str]| -> serde_json::Value {
+        let out = std::process::Command::new(ctguard_bin()).args(args).output().unwrap();
+        assert!(out.status.code().is_some_and(|c| c <= 1), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{args:?}: not JSON ({e})"))
+    };
+    let bundle = b.to_str().unwrap();
+    let rec = run_json(&["recommend", "--from-top", bundle, "--json"]);
+    let obs = &rec["observation"];
+    assert!(obs["source"].as_str().unwrap().contains("stats.jsonl"), "{obs}");
+    assert!(obs["total_new"].as_f64().unwrap() >= MAX as f64, "the flood's new entries: {obs}");
+    let ports = obs["ports"].as_array().unwrap();
+    assert!(ports.iter().any(|p| p["port"] == FLOOD_PORT && p["proto"] == 17), "{obs}");
+    let suggest = run_json(&["bypass", "suggest", "--from-top", bundle, "--json"]);
+    assert!(suggest.to_string().contains(&format!("--port {FLOOD_PORT}")), "{suggest}");
 }
 
 #[test]

@@ -242,8 +242,9 @@ pub struct SuggestArgs {
     /// Watch new conntrack entries for this long (e.g. 10s, 1m).
     #[arg(long, value_parser = crate::util::parse_duration, default_value = "10s", conflicts_with = "from_top")]
     pub observe: Duration,
-    /// Use the output of `ctguard top --json` (by dst-port) instead of observing; `-` for stdin.
-    #[arg(long, value_name = "FILE")]
+    /// Use the output of `ctguard top --json` (by dst-port) instead of observing, `-` for stdin, or a
+    /// `ctguard capture` bundle directory (its stats.jsonl).
+    #[arg(long, value_name = "FILE|BUNDLE")]
     pub from_top: Option<PathBuf>,
     /// Which kernel hooks to use for --observe (see `ctguard doctor`).
     #[arg(long, value_enum, default_value = "auto")]
@@ -647,7 +648,7 @@ fn suggest_cmd(a: &SuggestArgs) -> anyhow::Result<ExitCode> {
     };
     let (churn, source) = match &a.from_top {
         Some(path) => {
-            let text = read_input(path, "--from-top")?;
+            let text = read_input(&crate::top::batch::frames_path(path), "--from-top")?;
             let (mut churn, secs) = suggest::from_top_json(&text)?;
             churn.retain(|c| only.is_none_or(|n| n == c.netns));
             (churn, format!("from {} ({}s of samples)", path.display(), secs))

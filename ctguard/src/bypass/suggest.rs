@@ -52,9 +52,9 @@ pub fn from_top_json(text: &str) -> Result<(Vec<Churn>, f64), BypassError> {
     let mut total_s = 0.0;
     let mut sums: BTreeMap<(u32, u8, u16), f64> = BTreeMap::new();
     for doc in &docs {
-        if doc["schema"] != "ctguard.top.v1" {
+        if !doc["schema"].as_str().is_some_and(crate::top::batch::carries_top_frame) {
             return Err(BypassError::usage(
-                "--from-top: not `ctguard top --json` output (no \"schema\": \"ctguard.top.v1\")",
+                "--from-top: not `ctguard top --json` output (no \"schema\": \"ctguard.top.v1\") nor a capture's stats.jsonl",
                 "record it with `ctguard top --json --duration 30s > FILE`",
             ));
         }

@@ -216,7 +216,8 @@ fn module_not_applicable(placement: ConntrackPlacement) -> Option<String> {
     match placement {
         ConntrackPlacement::Module => None,
         ConntrackPlacement::BuiltIn => Some(
-            "nf_conntrack is built into vmlinux here: its functions are vmlinux functions (see the vmlinux rows)".into(),
+            "nf_conntrack is built into vmlinux here: its functions are vmlinux functions (see the vmlinux rows)"
+                .into(),
         ),
         ConntrackPlacement::Absent => Some("this kernel has no nf_conntrack".into()),
         ConntrackPlacement::ModuleNotLoaded => Some(

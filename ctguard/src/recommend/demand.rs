@@ -503,8 +503,13 @@ pub fn parse_top_json(text: &str) -> Result<TopFile, String> {
         let n = i + 1;
         let doc: Value = serde_json::from_str(line).map_err(|e| format!("line {n}: not JSON ({e})"))?;
         match doc.get("schema").and_then(Value::as_str) {
-            Some("ctguard.top.v1") => {}
-            other => return Err(format!("line {n}: schema is {other:?}, expected \"ctguard.top.v1\"")),
+            Some(schema) if crate::top::batch::carries_top_frame(schema) => {}
+            other => {
+                return Err(format!(
+                    "line {n}: schema is {other:?}, expected \"ctguard.top.v1\" (or a capture's \"{}\")",
+                    crate::capture::bundle::STATS_SCHEMA
+                ));
+            }
         }
         let dt_s = doc.get("interval_s").and_then(Value::as_f64).filter(|d| d.is_finite() && *d > 0.0);
         let dt_s = dt_s.ok_or_else(|| format!("line {n}: interval_s is missing or not a positive number"))?;

@@ -60,9 +60,10 @@ pub struct RecommendArgs {
     #[arg(long, value_name = "DURATION", value_parser = crate::util::parse_duration, conflicts_with = "from_top")]
     pub observe: Option<Duration>,
     /// Take the rates from saved `ctguard top --json` output (one document per line; use `--by dst-port`, the
-    /// default, so protocols are known). Peak = the busiest stretch of documents one lifetime long, mean = over
-    /// all of them; the tables' entry counts in the file are a floor.
-    #[arg(long, value_name = "FILE")]
+    /// default, so protocols are known), or from a `ctguard capture` bundle directory (its stats.jsonl). Peak =
+    /// the busiest stretch of documents one lifetime long, mean = over all of them; the tables' entry counts in the
+    /// file are a floor.
+    #[arg(long, value_name = "FILE|BUNDLE")]
     pub from_top: Option<PathBuf>,
     /// Which kernel hooks to use for --observe (see `ctguard doctor`).
     #[arg(long, value_enum, default_value = "auto")]

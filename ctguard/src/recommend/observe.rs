@@ -57,7 +57,8 @@ pub fn with_sensors(window: Duration, backend: BackendRequest) -> Result<Observa
 }
 
 /// Rates from a saved `ctguard top --json` run.
-pub fn from_top_file(path: &Path) -> Result<Observation, CtguardError> {
+pub fn from_top_file(given: &Path) -> Result<Observation, CtguardError> {
+    let path = &crate::top::batch::frames_path(given);
     let text = std::fs::read_to_string(path).map_err(|e| {
         CtguardError::usage(
             format!("cannot read {}: {e}", path.display()),
@@ -67,7 +68,7 @@ pub fn from_top_file(path: &Path) -> Result<Observation, CtguardError> {
     let file = demand::parse_top_json(&text).map_err(|e| {
         CtguardError::usage(
             format!("{}: {e}", path.display()),
-            "--from-top takes the output of `ctguard top --json` (one ctguard.top.v1 document per line)",
+            "--from-top takes the output of `ctguard top --json` (one ctguard.top.v1 document per line) or a capture bundle directory",
         )
     })?;
     let mut source = format!("{} ({} top documents", path.display(), file.documents);

@@ -13,6 +13,21 @@ use crate::{
     sensors::{KeyMode, SensorOptions},
 };
 
+/// The schema name of `top --json` documents.
+pub const TOP_SCHEMA: &str = "ctguard.top.v1";
+
+/// Documents that carry a whole `top` frame: `top --json` output, and the
+/// `stats.jsonl` lines of a capture bundle (a frame plus exact counts).
+pub fn carries_top_frame(schema: &str) -> bool {
+    schema == TOP_SCHEMA || schema == crate::capture::bundle::STATS_SCHEMA
+}
+
+/// Where saved `top` frames are read from: a file (or `-`), or a capture
+/// bundle directory, whose `stats.jsonl` holds one frame per interval.
+pub fn frames_path(path: &std::path::Path) -> std::path::PathBuf {
+    if path.is_dir() { path.join("stats.jsonl") } else { path.to_path_buf() }
+}
+
 /// One JSON document per interval (schema `ctguard.top.v1`).
 #[derive(Serialize)]
 pub struct Document<'a> {
@@ -27,7 +42,7 @@ impl<'a> Document<'a> {
     pub fn new(frame: &'a Frame, key_mode: KeyMode) -> Self {
         let time_unix_ms =
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis());
-        Document { schema: "ctguard.top.v1", time_unix_ms, key_mode, frame }
+        Document { schema: TOP_SCHEMA, time_unix_ms, key_mode, frame }
     }
 }
 
