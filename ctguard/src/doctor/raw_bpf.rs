@@ -77,9 +77,10 @@ pub fn probe_netfilter_link() -> io::Result<()> {
 fn module_btf_fd(module: &str) -> io::Result<OwnedFd> {
     let mut id = 0u32;
     loop {
-        // SAFETY: all-zero bpf_attr, then the get-next-id member.
+        // SAFETY: bpf_attr is plain data; all-zero is its documented default.
         let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
-        unsafe { attr.__bindgen_anon_6.__bindgen_anon_1.start_id = id };
+        // Writing a union field is safe; the kernel reads the get-next-id member.
+        attr.__bindgen_anon_6.__bindgen_anon_1.start_id = id;
         // SAFETY: BPF_BTF_GET_NEXT_ID returns 0 and writes next_id, or -1.
         let rc = unsafe {
             libc::syscall(
@@ -99,7 +100,7 @@ fn module_btf_fd(module: &str) -> io::Result<OwnedFd> {
         }
         id = unsafe { attr.__bindgen_anon_6.next_id };
         let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
-        unsafe { attr.__bindgen_anon_6.__bindgen_anon_1.btf_id = id };
+        attr.__bindgen_anon_6.__bindgen_anon_1.btf_id = id;
         let Ok(fd) = sys_bpf(bpf_cmd::BPF_BTF_GET_FD_BY_ID, &mut attr) else { continue };
         if btf_name(&fd)? == module {
             return Ok(fd);
@@ -114,12 +115,11 @@ fn btf_name(fd: &OwnedFd) -> io::Result<String> {
     let mut info: aya_obj::generated::bpf_btf_info = unsafe { std::mem::zeroed() };
     info.name = name.as_mut_ptr() as u64;
     info.name_len = name.len() as u32;
+    // SAFETY: as above.
     let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
-    unsafe {
-        attr.info.bpf_fd = fd.as_raw_fd() as u32;
-        attr.info.info_len = size_of::<aya_obj::generated::bpf_btf_info>() as u32;
-        attr.info.info = &mut info as *mut _ as u64;
-    }
+    attr.info.bpf_fd = fd.as_raw_fd() as u32;
+    attr.info.info_len = size_of::<aya_obj::generated::bpf_btf_info>() as u32;
+    attr.info.info = &mut info as *mut _ as u64;
     // SAFETY: the kernel fills `info` and `name`, both alive for the call.
     let rc = unsafe {
         libc::syscall(
@@ -159,7 +159,7 @@ pub fn probe_module_tracing(module: &str, func_id: u32, fexit: bool) -> io::Resu
     // SAFETY: all-zero bpf_attr, then the raw-tracepoint-open member (no
     // name: the program's attach target is used).
     let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
-    unsafe { attr.raw_tracepoint.prog_fd = prog.as_raw_fd() as u32 };
+    attr.raw_tracepoint.prog_fd = prog.as_raw_fd() as u32;
     let _link = sys_bpf(bpf_cmd::BPF_RAW_TRACEPOINT_OPEN, &mut attr)?;
     Ok(())
 }
