@@ -629,6 +629,8 @@ fn emit_new_entry(ct: u64, key: &ChurnKey, allocated_ns: u64) {
 struct AllocFrames {
     depth: u32,
     _pad: u32,
+    /// When the outermost frame was entered (see [`FRAME_MAX_AGE_NS`]).
+    ts_ns: u64,
     net: [u64; ALLOC_DEPTH],
     orig: [u64; ALLOC_DEPTH],
 }
@@ -660,9 +662,41 @@ const VERDICT_MAX_AGE_NS: u64 = 100_000_000;
 #[map]
 static VERDICTS: PerCpuArray<Verdict> = PerCpuArray::with_max_entries(1, 0);
 
-/// Nesting depth of early_drop on this CPU: nf_ct_delete calls inside it are evictions.
+/// A kretprobe can miss a return (too many concurrent calls for its
+/// instances): the entry probe's depth would then never come back to zero.
+/// A frame entered longer ago than this is stale, and the next entry starts
+/// over. Generous, because emulated CPUs are slow; a real call takes
+/// microseconds.
+const FRAME_MAX_AGE_NS: u64 = 100_000_000;
+
+/// Nesting depth of early_drop on this CPU (nf_ct_delete calls inside it are
+/// evictions) and when the outermost call began.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Depth {
+    depth: u32,
+    _pad: u32,
+    ts_ns: u64,
+}
+
 #[map]
-static EARLY_DROP_DEPTH: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+static EARLY_DROP_DEPTH: PerCpuArray<Depth> = PerCpuArray::with_max_entries(1, 0);
+
+/// Enters one more nesting level, first dropping levels whose return was
+/// missed.
+#[inline(always)]
+fn enter_frame(depth: *mut u32, ts_ns: *mut u64) {
+    let now = unsafe { bpf_ktime_get_ns() };
+    unsafe {
+        if *depth > 0 && now.wrapping_sub(*ts_ns) > FRAME_MAX_AGE_NS {
+            *depth = 0;
+        }
+        if *depth == 0 {
+            *ts_ns = now;
+        }
+        *depth += 1;
+    }
+}
 
 #[inline(always)]
 fn take_verdict() -> Option<Verdict> {
@@ -694,12 +728,12 @@ pub fn fh_alloc_entry(ctx: ProbeContext) -> u32 {
     let (Some(net), Some(orig)) = (ctx.arg::<u64>(0), ctx.arg::<u64>(2)) else { return 0 };
     let Some(f) = ALLOC_FRAMES.get_ptr_mut(0) else { return 0 };
     unsafe {
-        let d = (*f).depth as usize;
+        enter_frame(&mut (*f).depth, &mut (*f).ts_ns);
+        let d = (*f).depth as usize - 1;
         if d < ALLOC_DEPTH {
             (*f).net[d] = net;
             (*f).orig[d] = orig;
         }
-        (*f).depth += 1;
     }
     0
 }
@@ -750,7 +784,7 @@ pub fn fh_confirm_exit(ctx: RetProbeContext) -> u32 {
 #[kprobe]
 pub fn fh_early_drop_entry(_ctx: ProbeContext) -> u32 {
     if let Some(d) = EARLY_DROP_DEPTH.get_ptr_mut(0) {
-        unsafe { *d += 1 };
+        unsafe { enter_frame(&mut (*d).depth, &mut (*d).ts_ns) };
     }
     0
 }
@@ -758,7 +792,7 @@ pub fn fh_early_drop_entry(_ctx: ProbeContext) -> u32 {
 #[kretprobe]
 pub fn fh_early_drop_exit(_ctx: RetProbeContext) -> u32 {
     if let Some(d) = EARLY_DROP_DEPTH.get_ptr_mut(0) {
-        unsafe { *d = (*d).saturating_sub(1) };
+        unsafe { (*d).depth = (*d).depth.saturating_sub(1) };
     }
     0
 }
@@ -769,7 +803,9 @@ pub fn fh_ct_delete_exit(ctx: RetProbeContext) -> u32 {
     // that is one eviction (the kernel's `early_drop` counter counts the same).
     let killed: u64 = ctx.ret();
     let Some(d) = EARLY_DROP_DEPTH.get_ptr_mut(0) else { return 0 };
-    if unsafe { *d } > 0 && killed as u8 != 0 {
+    let d = unsafe { *d };
+    let fresh = unsafe { bpf_ktime_get_ns() }.wrapping_sub(d.ts_ns) <= FRAME_MAX_AGE_NS;
+    if d.depth > 0 && fresh && killed as u8 != 0 {
         bump(counter::EARLY_DROP_EVICTIONS);
     }
     0
