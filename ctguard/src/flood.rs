@@ -52,6 +52,10 @@ pub const MAX_PACKET_LEN: usize = 64;
 
 const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;
+const IPPROTO_ICMP: u8 = 1;
+const ICMP_ECHO_REQUEST: u8 = 8;
+/// Type, code, checksum, identifier, sequence number.
+const ICMP_ECHO_HEADER_LEN: usize = 8;
 
 /// What each flow opens.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
@@ -69,6 +73,11 @@ pub enum Proto {
     /// packet counts as `invalid` and creates no entry. For tests of
     /// invalid-packet accounting.
     TcpInvalidFlags,
+    /// One ICMP echo request per flow. Conntrack keys an echo by its
+    /// identifier, so the flow's source port is used as the identifier (and
+    /// the destination port is ignored); the receiver's echo reply lands in
+    /// the same entry.
+    IcmpEcho,
 }
 
 impl Proto {
@@ -77,6 +86,7 @@ impl Proto {
         match self {
             Proto::Udp => IPPROTO_UDP,
             Proto::TcpSyn | Proto::TcpInvalidFlags => IPPROTO_TCP,
+            Proto::IcmpEcho => IPPROTO_ICMP,
         }
     }
 }
@@ -396,6 +406,24 @@ pub fn build_ipv4_tcp(src: SocketAddrV4, dst: SocketAddrV4, ident: u16, seq: u32
     buf
 }
 
+/// Writes an IPv4 ICMP echo request with identifier `id`, sequence `seq`
+/// and an 8-byte payload into `buf`; returns its length (36).
+pub fn write_ipv4_icmp_echo(buf: &mut [u8], src: Ipv4Addr, dst: Ipv4Addr, ident: u16, id: u16, seq: u16) -> usize {
+    let total = IPV4_HEADER_LEN + ICMP_ECHO_HEADER_LEN + 8;
+    write_ipv4_header(buf, IPPROTO_ICMP, src, dst, total, ident);
+    let m = &mut buf[IPV4_HEADER_LEN..total];
+    m[0] = ICMP_ECHO_REQUEST;
+    m[1] = 0;
+    m[2..4].fill(0);
+    m[4..6].copy_from_slice(&id.to_be_bytes());
+    m[6..8].copy_from_slice(&seq.to_be_bytes());
+    m[8..16].copy_from_slice(b"ctguard\0");
+    // ICMP's checksum covers the message alone (no pseudo header).
+    let sum = checksum(m);
+    m[2..4].copy_from_slice(&sum.to_be_bytes());
+    total
+}
+
 /// Writes the packet that opens `flow`, flow number `index`, and returns its
 /// length. The IP id is the low 16 bits of `index`; a UDP payload carries
 /// `index`; a SYN's sequence number is derived from it.
@@ -408,6 +436,7 @@ pub fn write_flow_packet(buf: &mut [u8], flow: &Flow, index: u64) -> usize {
             let flags = if flow.proto == Proto::TcpSyn { TCP_SYN } else { TCP_SYN | TCP_FIN };
             write_ipv4_tcp(buf, flow.src, flow.dst, ident, seq, flags)
         }
+        Proto::IcmpEcho => write_ipv4_icmp_echo(buf, *flow.src.ip(), *flow.dst.ip(), ident, flow.src.port(), ident),
     }
 }
 
@@ -800,9 +829,25 @@ mod tests {
                     Proto::Udp => {}
                     Proto::TcpSyn => assert_eq!(pkt[33], TCP_SYN),
                     Proto::TcpInvalidFlags => assert_eq!(pkt[33], TCP_SYN | TCP_FIN),
+                    Proto::IcmpEcho => unreachable!("not in this loop (no ports, no pseudo header)"),
                 }
             }
         }
+    }
+
+    #[test]
+    fn icmp_echo_carries_the_flow_id_and_a_valid_checksum() {
+        let flow =
+            Flow { proto: Proto::IcmpEcho, src: "10.0.0.1:4242".parse().unwrap(), dst: "10.0.0.2:9".parse().unwrap() };
+        let p = build_flow_packet(&flow, 7);
+        assert_eq!(p.len(), 36);
+        assert_eq!(p[9], 1, "ICMP");
+        assert_eq!(checksum(&p[..20]), 0, "IPv4 header checksum");
+        let m = &p[20..];
+        assert_eq!((m[0], m[1]), (8, 0), "echo request");
+        assert_eq!(u16::from_be_bytes([m[4], m[5]]), 4242, "identifier = source port");
+        assert_eq!(u16::from_be_bytes([m[6], m[7]]), 7, "sequence = flow index");
+        assert_eq!(checksum(m), 0, "ICMP checksum");
     }
 
     #[test]

@@ -14,7 +14,7 @@
 use std::{
     collections::BTreeMap,
     fmt,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     path::Path,
     sync::{
         Mutex, PoisonError,
@@ -340,6 +340,49 @@ impl Lab {
         }
         self.settle();
         report
+    }
+
+    /// The side's IPv6 address once [`Lab::enable_ipv6`] ran.
+    pub fn addr6(&self, side: Side) -> Ipv6Addr {
+        match side {
+            Side::A => "fd00:c7::a".parse().unwrap(),
+            Side::B => "fd00:c7::b".parse().unwrap(),
+        }
+    }
+
+    /// Turns IPv6 on for the veth (labs start with it off, so no router or
+    /// neighbour solicitations add noise): addresses without duplicate
+    /// detection and permanent neighbour entries, so the first packet goes
+    /// out at once.
+    pub fn enable_ipv6(&self) {
+        let (mac_a, mac_b) = ("02:c7:00:00:00:0a", "02:c7:00:00:00:0b");
+        for (side, peer_mac) in [(Side::A, mac_b), (Side::B, mac_a)] {
+            let dev = self.ifname(side);
+            self.exec(side, &["sysctl", "-qw", &format!("net.ipv6.conf.{dev}.disable_ipv6=0")]);
+            let cidr = format!("{}/64", self.addr6(side));
+            run("ip", &["-n", self.name(side), "addr", "add", &cidr, "dev", dev, "nodad"]);
+            let peer = self.addr6(other(side)).to_string();
+            run(
+                "ip",
+                &["-n", self.name(side), "neigh", "replace", &peer, "lladdr", peer_mac, "dev", dev, "nud", "permanent"],
+            );
+        }
+    }
+
+    /// Sends one UDP datagram over IPv6 from A to B's `port` per flow, from
+    /// source ports `first_sport..first_sport + n` (ordinary sockets: the
+    /// flood generator is IPv4 only). Returns when B's conntrack is settled.
+    pub fn send_udp6_flows(&self, n: u16, port: u16, first_sport: u16) {
+        let (src, dst) = (self.addr6(Side::A), self.addr6(Side::B));
+        self.netns(Side::A)
+            .run(move || {
+                for i in 0..n {
+                    let sock = std::net::UdpSocket::bind((src, first_sport + i)).expect("bind an IPv6 UDP socket");
+                    sock.send_to(b"ctguard", (dst, port)).expect("send over IPv6");
+                }
+            })
+            .unwrap_or_else(|e| panic!("{self}: {e}"));
+        self.settle();
     }
 
     /// A side's `/proc/net/snmp` counters, keyed `Ip.InReceives`,

@@ -343,3 +343,52 @@ fn every_key_mode_groups_new_entries_as_named() {
     assert_eq!(keys, 60, "--by tuple: one key per flow");
     assert_eq!(snap1.inserts_in(Some(ns)) - snap0.inserts_in(Some(ns)), 60);
 }
+
+#[test]
+fn icmp_and_ipv6_flows_are_keyed_and_their_table_full_drops_named() {
+    require_root();
+    let lab = Lab::new("sens-v6");
+    lab.enable_conntrack();
+    lab.enable_ipv6();
+    let ns = lab.netns_inode(Side::B);
+    let mut sensors = start(SensorOptions { key_mode: KeyMode::DstPort, ..Default::default() });
+    let mut ring = sensors.take_events().unwrap();
+    let snap0 = sensors.snapshot().unwrap();
+
+    // 40 ICMP echo flows (one identifier each) and 50 UDP flows over IPv6.
+    lab.send_new_flows(Proto::IcmpEcho, 40, &[9]);
+    lab.send_udp6_flows(50, 6300, 20_000);
+    let snap1 = sensors.snapshot().unwrap();
+    let by_key: BTreeMap<(u8, u8, u16), u64> = snap1
+        .churn_in(Some(ns))
+        .iter()
+        .map(|(k, v)| {
+            let before = snap0.churn_in(Some(ns)).iter().find(|(k0, _)| k0 == k).map_or(0, |(_, v0)| v0.inserts);
+            ((k.tuple.ip_version, k.tuple.proto, k.tuple.dport), v.inserts - before)
+        })
+        .filter(|(_, n)| *n > 0)
+        .collect();
+    // ICMP is keyed by type and code (echo request: 8/0), as conntrack does.
+    assert_eq!(by_key.get(&(4, 1, 0x0800)), Some(&40), "{by_key:?}");
+    assert_eq!(by_key.get(&(6, 17, 6300)), Some(&50), "{by_key:?}");
+
+    // A full table refuses IPv6 flows too; each drop names the flow.
+    drain(&mut ring);
+    let kernel0 = lab.kernel_stats();
+    let full_at = lab.conntrack_count();
+    {
+        let _max = MaxGuard::lower(full_at + 10);
+        lab.send_udp6_flows(60, 6301, 30_000);
+    }
+    let kernel_drops = delta(&lab.kernel_stats(), &kernel0, "drop");
+    let events: Vec<DecodedEvent> =
+        drain(&mut ring).into_iter().filter(|e| e.netns == ns && e.cause == Some(Cause::TableFull)).collect();
+    assert!(kernel_drops >= 40, "the table overflowed: kernel drop +{kernel_drops}");
+    assert_eq!(events.len() as u64, kernel_drops, "one event per drop");
+    let (a6, b6) = (IpAddr::V6(lab.addr6(Side::A)), IpAddr::V6(lab.addr6(Side::B)));
+    for e in &events {
+        let f = &e.flow;
+        assert_eq!((f.src, f.dst, f.proto, f.dport), (Some(a6), Some(b6), 17, 6301), "{}", format::flow(f));
+        assert!((30_000..30_060).contains(&f.sport), "{}", format::flow(f));
+    }
+}

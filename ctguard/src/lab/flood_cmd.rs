@@ -28,8 +28,8 @@ pub struct FloodArgs {
     /// Destination ports, cycled through (e.g. 53,80,443).
     #[arg(long, value_delimiter = ',', default_value = "9")]
     pub ports: Vec<u16>,
-    /// udp or tcp (SYNs).
-    #[arg(long, default_value = "udp", value_parser = ["udp", "tcp"])]
+    /// udp, tcp (SYNs) or icmp (echo requests; the source port becomes the echo identifier).
+    #[arg(long, default_value = "udp", value_parser = ["udp", "tcp", "icmp"])]
     pub proto: String,
     /// Number of flows.
     #[arg(long, default_value_t = 100_000)]
@@ -63,7 +63,11 @@ struct Report {
 
 pub fn run(args: &FloodArgs) -> anyhow::Result<ExitCode> {
     let from = Netns::resolve(Some(&args.from))?.remove(0);
-    let proto = if args.proto == "tcp" { Proto::TcpSyn } else { Proto::Udp };
+    let proto = match args.proto.as_str() {
+        "tcp" => Proto::TcpSyn,
+        "icmp" => Proto::IcmpEcho,
+        _ => Proto::Udp,
+    };
     let spec = FlowSpec::new(proto, args.src, args.to, args.ports.clone()).with_src_prefix(args.src_prefix);
     let opts = SendOptions {
         first_flow: args.first_flow,
