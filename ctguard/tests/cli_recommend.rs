@@ -108,7 +108,7 @@ mod recommend {
             "1/4 of RAM",
             "ctguard bypass add --port P",
             "--observe <DURATION>",
-            "--from-top <FILE>",
+            "--from-top <FILE|BUNDLE>",
             "--headroom <FACTOR>",
             "--max <N>",
             "--buckets <N>",
@@ -282,7 +282,7 @@ mod recommend {
         );
         // 8000 / 11000 = 73 % of new entries on 53/udp.
         assert_eq!(doc["plan"]["bypass"]["port"], 53);
-        assert_eq!(doc["plan"]["bypass"]["command"], "ctguard bypass add --port 53");
+        assert_eq!(doc["plan"]["bypass"]["command"], "ctguard bypass add --proto udp --port 53 --netns 4026599999");
 
         let out = ctguard(&["recommend", "--from-top", top.to_str().unwrap()]);
         let report = text(&out.stdout);
@@ -292,7 +292,7 @@ mod recommend {
             "observed demand",
             "udp_timeout",
             "frees ≈",
-            "ctguard bypass add --port 53",
+            "ctguard bypass add --proto udp --port 53 --netns 4026599999",
             "dry run",
         ] {
             assert!(report.contains(needle), "report lacks {needle:?}:\n{report}");
