@@ -38,6 +38,7 @@ pub mod max;
 pub mod nft;
 pub mod root;
 pub mod stats;
+pub mod tmux;
 
 pub use ctguard::flood::{FloodReport, Proto};
 pub use lab::{Lab, Side};

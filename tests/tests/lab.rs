@@ -7,7 +7,13 @@ use std::{
     time::Duration,
 };
 
-use ctguard_integration::{bin::ctguard_bin, lock::SerialGuard, max::read_max, require_root};
+use ctguard_integration::{
+    bin::ctguard_bin,
+    lock::SerialGuard,
+    max::read_max,
+    require_root,
+    tmux::{Tmux, wait_for_file},
+};
 
 fn lab_namespaces() -> Vec<String> {
     std::fs::read_dir("/run/netns")
@@ -94,46 +100,18 @@ fn interactive_lab_stops_on_ctrl_c_at_a_prompt_and_cleans_up() {
     let _serial = SerialGuard::acquire();
     let max_before = read_max();
     // A real terminal (tmux), so the lab waits for Enter between acts.
-    let session = format!("ctg-lab-{}", std::process::id());
-    let status_file = std::env::temp_dir().join(format!("{session}.status"));
-    let _ = std::fs::remove_file(&status_file);
+    let status_file = Tmux::scratch_file("ctg-lab", "status");
     let script = format!(
         "{} lab --max 777 --flows 2000; echo $? > {}; sleep 30",
         ctguard_bin().display(),
         status_file.display()
     );
-    let tmux = |args: &[&str]| {
-        let out = Command::new("tmux").args(args).output().expect("tmux (cargo xtask setup installs it)");
-        assert!(out.status.success(), "tmux {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
-    tmux(&["new-session", "-d", "-s", &session, "-x", "150", "-y", "45", &script]);
-    struct Kill(String);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = Command::new("tmux").args(["kill-session", "-t", &self.0]).output();
-        }
-    }
-    let _kill = Kill(session.clone());
-    let deadline = std::time::Instant::now() + Duration::from_secs(90);
-    loop {
-        let screen = tmux(&["capture-pane", "-p", "-t", &session]);
-        if screen.contains("(Enter to continue)") {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "the lab never paused:\n{screen}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let term = Tmux::start("ctg-lab", &script);
+    term.wait_for(&["(Enter to continue)"], 90);
     assert_eq!(read_max(), 777, "the lab lowered nf_conntrack_max before its first pause");
-    tmux(&["send-keys", "-t", &session, "C-c"]);
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let mut status = String::new();
-    while status.trim().is_empty() && std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(100));
-        status = std::fs::read_to_string(&status_file).unwrap_or_default();
-    }
-    let _ = std::fs::remove_file(&status_file);
-    let screen = tmux(&["capture-pane", "-p", "-t", &session]);
+    term.send_keys("C-c");
+    let status = wait_for_file(&status_file, 30, |t| !t.trim().is_empty());
+    let screen = term.screen();
     assert!(!status.trim().is_empty(), "Ctrl-C at the prompt did not stop the lab:\n{screen}");
     assert_ne!(status.trim(), "0", "an interrupted lab reports failure:\n{screen}");
     assert_eq!(read_max(), max_before, "nf_conntrack_max restored after Ctrl-C");

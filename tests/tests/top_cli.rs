@@ -7,7 +7,11 @@ use std::{
 };
 
 use ctguard::flood::{Proto, SendOptions};
-use ctguard_integration::{Lab, Side, bin::ctguard_bin};
+use ctguard_integration::{
+    Lab, Side,
+    bin::ctguard_bin,
+    tmux::{Tmux, wait_for_file},
+};
 
 /// Flows per second per port: 3:2:1 by weighting the port list.
 const PORTS: [u16; 6] = [7100, 7100, 7100, 7200, 7200, 7300];
@@ -75,53 +79,20 @@ fn top_json_ranks_ports_by_their_real_rates() {
 fn top_terminal_view_shows_the_ports_and_restores_the_terminal() {
     let lab = Lab::new("top_tui");
     lab.enable_conntrack();
-    let session = format!("ctg-top-{}", std::process::id());
-    let stty_file = std::env::temp_dir().join(format!("{session}.stty"));
-    let _ = std::fs::remove_file(&stty_file);
+    let stty_file = Tmux::scratch_file("ctg-top", "stty");
     let script = format!(
         "{} top --interval 500ms --netns {}; stty -a > {}; sleep 30",
         ctguard_bin().display(),
         lab.name(Side::B),
         stty_file.display()
     );
-    let tmux = |args: &[&str]| {
-        let out = Command::new("tmux").args(args).output().expect("tmux (cargo xtask setup installs it)");
-        assert!(out.status.success(), "tmux {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
-    tmux(&["new-session", "-d", "-s", &session, "-x", "150", "-y", "45", &script]);
-    struct Kill(String);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = Command::new("tmux").args(["kill-session", "-t", &self.0]).output();
-        }
-    }
-    let _kill = Kill(session.clone());
-    // Poll the screen: loading the programs takes a while on slow (emulated) CPUs.
-    let wait_for = |needles: &[&str], secs: u64| {
-        let deadline = Instant::now() + Duration::from_secs(secs);
-        loop {
-            let screen = tmux(&["capture-pane", "-p", "-t", &session]);
-            if needles.iter().all(|n| screen.contains(n)) {
-                return;
-            }
-            assert!(Instant::now() < deadline, "screen lacks one of {needles:?} after {secs}s:\n{screen}");
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    };
-    wait_for(&["ctguard top", "conntrack tables", "drops/s"], 90);
+    let term = Tmux::start("ctg-top", &script);
+    term.wait_for(&["ctguard top", "conntrack tables", "drops/s"], 90);
     flood_for(&lab, 2);
-    wait_for(&["7100/udp", "7200/udp", "7300/udp"], 30);
-    tmux(&["send-keys", "-t", &session, "q"]);
-    // The shell creates the file before stty has written to it: wait for content.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut stty = String::new();
-    while !stty.contains("icanon") && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(100));
-        stty = std::fs::read_to_string(&stty_file).unwrap_or_default();
-    }
+    term.wait_for(&["7100/udp", "7200/udp", "7300/udp"], 30);
+    term.send_keys("q");
+    let stty = wait_for_file(&stty_file, 30, |t| t.contains("icanon"));
     assert!(stty.contains("icanon"), "top did not quit, or the shell never ran stty: {stty:?}");
-    let _ = std::fs::remove_file(&stty_file);
     // Raw mode is off again: canonical input and echo are back.
     assert!(stty.contains(" icanon") && !stty.contains("-icanon"), "{stty}");
     assert!(stty.contains(" echo ") && !stty.contains("-echo "), "{stty}");

@@ -8,23 +8,30 @@ use std::{
 
 use ctguard_integration::{Lab, MaxGuard, bin::ctguard_bin, lab::Side};
 
+/// Starts `ctguard trace ARGS` and returns once the sensors are attached
+/// (its first stderr line), with the rest of stderr still to read.
+fn start_trace(args: &[&str]) -> (std::process::Child, BufReader<std::process::ChildStderr>) {
+    let mut child = Command::new(ctguard_bin())
+        .arg("trace")
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start ctguard trace");
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    stderr.read_line(&mut line).unwrap();
+    assert!(line.contains("tracing"), "unexpected first stderr line: {line}");
+    (child, stderr)
+}
+
 #[test]
 fn trace_json_shows_table_full_drops_during_a_flood() {
     let lab = Lab::new("trace_cli");
     lab.enable_conntrack();
     lab.add_nft_rule("udp dport 9999 drop");
     let inode = lab.netns_inode(Side::B).to_string();
-    let mut child = Command::new(ctguard_bin())
-        .args(["trace", "--json", "--netns", &inode, "--duration", "8"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start ctguard trace");
-    // Wait until the sensors are attached.
-    let mut stderr = BufReader::new(child.stderr.take().unwrap());
-    let mut line = String::new();
-    stderr.read_line(&mut line).unwrap();
-    assert!(line.contains("tracing"), "unexpected first stderr line: {line}");
+    let (child, _stderr) = start_trace(&["--json", "--netns", &inode, "--duration", "8"]);
 
     let before = lab.kernel_stats();
     {
@@ -82,16 +89,7 @@ fn iptables_legacy_drops_of_new_flows_are_reconciled_to_ruleset() {
     lab.enable_conntrack();
     lab.exec(Side::B, &["iptables-legacy", "-A", "INPUT", "-p", "udp", "--dport", "7777", "-j", "DROP"]);
     let inode: u64 = lab.netns_inode(Side::B).into();
-    let mut child = Command::new(ctguard_bin())
-        .args(["trace", "--json", "--netns", &inode.to_string(), "--duration", "6"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start ctguard trace");
-    let mut stderr = BufReader::new(child.stderr.take().unwrap());
-    let mut line = String::new();
-    stderr.read_line(&mut line).unwrap();
-    assert!(line.contains("tracing"), "unexpected first stderr line: {line}");
+    let (child, _stderr) = start_trace(&["--json", "--netns", &inode.to_string(), "--duration", "6"]);
     let before = lab.kernel_stats();
     lab.send_udp_flows(FLOWS, &[7777]);
     let after = lab.kernel_stats();
@@ -123,16 +121,7 @@ fn trace_streams_new_entries_as_text_stops_on_ctrl_c_and_detaches() {
     let lab = Lab::new("trace_new");
     lab.enable_conntrack();
     let inode = lab.netns_inode(Side::B).to_string();
-    let mut child = Command::new(ctguard_bin())
-        .args(["trace", "--new", "--netns", &inode])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start ctguard trace");
-    let mut stderr = BufReader::new(child.stderr.take().unwrap());
-    let mut line = String::new();
-    stderr.read_line(&mut line).unwrap();
-    assert!(line.contains("tracing"), "unexpected first stderr line: {line}");
+    let (child, mut stderr) = start_trace(&["--new", "--netns", &inode]);
     lab.send_udp_flows(FLOWS as u64, &[6100]);
     std::thread::sleep(std::time::Duration::from_secs(2));
     // Ctrl-C, as a user stops it.

@@ -2,10 +2,12 @@
 //! `kernel.bpf_stats_enabled` is 1) and recursion misses — runs the kernel
 //! skipped because the program was already running on that CPU, which would
 //! otherwise be silent gaps in the counts.
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::AsFd;
 
-use aya_obj::generated::{bpf_attr, bpf_cmd, bpf_prog_info};
+use aya_obj::generated::bpf_prog_info;
 use serde::Serialize;
+
+use crate::kernel::bpf_sys;
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct ProgramStats {
@@ -27,25 +29,9 @@ impl ProgramStats {
 
 /// BPF_OBJ_GET_INFO_BY_FD on a program fd (aya does not expose recursion_misses).
 pub fn read(program: &str, fd: impl AsFd) -> std::io::Result<ProgramStats> {
-    // SAFETY: both are plain C structs for which all-zero is valid.
+    // SAFETY: a plain C struct for which all-zero is valid.
     let mut info: bpf_prog_info = unsafe { std::mem::zeroed() };
-    let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
-    // The kernel writes into `info`, which outlives the call.
-    attr.info.bpf_fd = fd.as_fd().as_raw_fd() as u32;
-    attr.info.info_len = size_of::<bpf_prog_info>() as u32;
-    attr.info.info = &mut info as *mut bpf_prog_info as u64;
-    // SAFETY: a valid bpf_attr for BPF_OBJ_GET_INFO_BY_FD.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            bpf_cmd::BPF_OBJ_GET_INFO_BY_FD as libc::c_long,
-            &mut attr as *mut bpf_attr,
-            size_of::<bpf_attr>(),
-        )
-    };
-    if rc < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    bpf_sys::object_info(fd.as_fd(), &mut info)?;
     Ok(ProgramStats {
         program: program.to_string(),
         run_count: info.run_cnt,
