@@ -122,7 +122,7 @@ mod tests {
         let cli = Cli::try_parse_from(["xtask", "vm-test"]).unwrap();
         let Task::VmTest(args) = cli.task else { panic!("not vm-test") };
         assert_eq!(args.kernel, vm::KernelChoice::All);
-        assert_eq!(args.timeout, 1200);
+        assert_eq!(args.timeout, 2400);
         assert_eq!(args.accel, vm::qemu::Accel::Auto);
         assert!(args.test_args.is_empty());
     }

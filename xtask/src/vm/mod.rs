@@ -30,8 +30,9 @@ use self::{
 };
 use crate::util::{self, note, step};
 
-/// Default time limit of one guest run.
-pub const DEFAULT_TIMEOUT_SECS: u64 = 1200;
+/// Default time limit of one guest run (a whole suite under single-threaded
+/// TCG takes 15 to 25 minutes on a 2-core host).
+pub const DEFAULT_TIMEOUT_SECS: u64 = 2400;
 
 #[derive(Debug, Args)]
 pub struct VmTestArgs {

@@ -89,7 +89,12 @@ pub fn argv(c: &Config) -> Vec<OsString> {
     match c.accel {
         Accel::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
         // `Auto` never gets here (resolved first); treat it as the safe choice.
-        Accel::Tcg | Accel::Auto => push(&["-accel", "tcg", "-cpu", "max"]),
+        // One host thread for all vCPUs: with multi-threaded TCG a guest
+        // once died of an `int3` oops in kmem_cache_free, a stale breakpoint
+        // from live kernel-text patching (the static key of the tracepoint
+        // ctguard attaches to), which one vCPU still saw after another had
+        // finished the patch. Round-robin vCPUs cannot race on patched code.
+        Accel::Tcg | Accel::Auto => push(&["-accel", "tcg,thread=single", "-cpu", "max"]),
     }
     let cpus = c.cpus.to_string();
     push(&["-m", &c.memory, "-smp", &cpus]);
@@ -300,7 +305,7 @@ mod tests {
     #[test]
     fn tcg_command_line() {
         let a = strings(argv(&config(Accel::Tcg)));
-        assert_eq!(after(&a, "-accel"), ["tcg"]);
+        assert_eq!(after(&a, "-accel"), ["tcg,thread=single"]);
         assert_eq!(after(&a, "-cpu"), ["max"]);
         assert_eq!(after(&a, "-m"), ["2G"]);
         assert_eq!(after(&a, "-smp"), ["2"]);
