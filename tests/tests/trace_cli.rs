@@ -87,6 +87,9 @@ fn iptables_legacy_drops_of_new_flows_are_reconciled_to_ruleset() {
     const FLOWS: u64 = 40;
     let lab = Lab::new("trace_ipt");
     lab.enable_conntrack();
+    // Stock kernels build the filter table as a module the kernel does not
+    // always load on demand; here it is built in (modprobe fails harmlessly).
+    let _ = Command::new("modprobe").arg("iptable_filter").output();
     lab.exec(Side::B, &["iptables-legacy", "-A", "INPUT", "-p", "udp", "--dport", "7777", "-j", "DROP"]);
     let inode: u64 = lab.netns_inode(Side::B).into();
     let (child, _stderr) = start_trace(&["--json", "--netns", &inode.to_string(), "--duration", "6"]);
