@@ -378,7 +378,7 @@ fn a_quiet_run_fires_nothing_and_exit_statuses_are_propagated() {
 
     let run = Running::start(&base.iter().copied().chain(["--duration", "2s"]).collect::<Vec<_>>());
     lab.send_udp_flows(20, &[FLOOD_PORT]); // tracked, nothing dropped
-    let (code, stderr, _, elapsed) = run.finish(Duration::from_secs(30));
+    let (code, stderr, _, elapsed) = run.finish(Duration::from_secs(90));
     assert_eq!(code, Some(0), "nothing fired: exit 0\n{stderr}");
     assert!(stderr.contains("no trigger fired"), "{stderr}");
     // Generous: loading the programs takes seconds under an emulated CPU (vm tier).
@@ -387,20 +387,22 @@ fn a_quiet_run_fires_nothing_and_exit_statuses_are_propagated() {
     assert!(!dir.exists(), "no bundle directory without a trigger");
 
     let run = Running::start(&base.iter().copied().chain(["--", "sh", "-c", "exit 7"]).collect::<Vec<_>>());
-    let (code, stderr, _, _) = run.finish(Duration::from_secs(30));
+    let (code, stderr, _, _) = run.finish(Duration::from_secs(90));
     assert_eq!(code, Some(7), "the wrapped command's status\n{stderr}");
     assert!(stderr.contains("the command exited with 7"), "{stderr}");
 
     let run = Running::start(&base.iter().copied().chain(["--", "sh", "-c", "kill -KILL $$"]).collect::<Vec<_>>());
-    let (code, stderr, _, _) = run.finish(Duration::from_secs(30));
+    let (code, stderr, _, _) = run.finish(Duration::from_secs(90));
     assert_eq!(code, Some(137), "128 + SIGKILL\n{stderr}");
 
     // --duration shorter than the command: it is stopped (SIGTERM -> 143).
     let run =
         Running::start(&base.iter().copied().chain(["--duration", "1s", "--", "sleep", "30"]).collect::<Vec<_>>());
-    let (code, stderr, _, elapsed) = run.finish(Duration::from_secs(30));
+    let (code, stderr, _, _) = run.finish(Duration::from_secs(90));
+    // 143 = 128 + SIGTERM: ctguard stopped it (a `sleep 30` that ended on
+    // its own would exit 0). Wall time says nothing here: loading the
+    // programs alone can take half a minute on an emulated CPU.
     assert_eq!(code, Some(143), "the bound stops the command\n{stderr}");
-    assert!(elapsed < 29.0, "stopped before `sleep 30` ended on its own: {elapsed}s");
     assert!(!dir.exists());
 }
 
@@ -493,7 +495,7 @@ fn triggers_rearm_after_the_cooldown_up_to_max_captures() {
     // The first flood's entries still fill the table: this one drops everything.
     let second = overflow(&lab, 100);
     run.wait_line("capture 2 written", Duration::from_secs(20));
-    let (code, stderr, _, _) = run.finish(Duration::from_secs(30));
+    let (code, stderr, _, _) = run.finish(Duration::from_secs(90));
     assert_eq!(code, Some(3), "{stderr}");
     let bundles = scratch.bundles();
     assert_eq!(bundles.len(), 2, "{bundles:?}");
