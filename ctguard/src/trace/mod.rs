@@ -104,7 +104,11 @@ async fn stream_events(
     // long as the AsyncFd holds it.
     let mut ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
         .map_err(|e| anyhow::anyhow!("cannot poll the ring buffer: {e}"))?;
+    // Both streams exist for the whole loop: a `ctrl_c()` future made anew
+    // each iteration misses a SIGINT that arrives while the loop body runs
+    // (a flush, a burst of events), and trace would then never stop.
     let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
+    let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt())?;
     let deadline = tokio::time::sleep(args.duration.unwrap_or(Duration::from_secs(u64::MAX / 4)));
     tokio::pin!(deadline);
     let (mut shown, mut read) = (0u64, 0u64);
@@ -115,7 +119,7 @@ async fn stream_events(
     'outer: while shown < limit {
         tokio::select! {
             _ = flush_tick.tick() => sensors.flush()?,
-            _ = tokio::signal::ctrl_c() => break,
+            _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
             _ = &mut deadline => break,
             guard = ring.readable_mut() => {
